@@ -1,0 +1,185 @@
+"""A structure under construction: placed atoms, legal-action masks and the observation image.
+
+Actions are flat indices over (species, layer, grid point). Masks are kept incrementally: each
+placed atom updates, for every (species, layer, point), whether that point is now too close to an
+atom (below c_min x sum of covalent radii, periodic images included) or close enough to bond
+(within c_max x sum), so a step costs one distance evaluation over the grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, covalent_radii
+
+from .problem import Problem
+
+
+class IllegalActionError(ValueError):
+    """The action breaks the placement rules, or places a species not left in the bag."""
+
+
+@dataclass
+class _Context:
+    """Per-problem constants shared by every build: distance thresholds and template masks."""
+
+    dmin: np.ndarray  # (S, Z) min distance between species s and atomic number z
+    dmax: np.ndarray
+    too_close: np.ndarray  # (S, L, N) from the template alone
+    near: np.ndarray
+    template_image: np.ndarray  # (T, na, nb)
+    n_channels: int
+
+
+def context(problem: Problem) -> _Context:
+    ctx = problem.__dict__.get("_build_context")
+    if ctx is None:
+        ctx = _make_context(problem)
+        problem.__dict__["_build_context"] = ctx
+    return ctx
+
+
+def _make_context(problem: Problem) -> _Context:
+    grid, rules = problem.grid, problem.rules
+    r_s = np.array([covalent_radii[atomic_numbers[s]] for s in problem.species])
+    r_z = np.asarray(covalent_radii)
+    dmin = rules.c_min * (r_s[:, None] + r_z[None, :])
+    dmax = rules.c_max * (r_s[:, None] + r_z[None, :])
+    S, L, N = problem.n_species, grid.n_layers, grid.n_points
+    too_close = np.zeros((S, L, N), dtype=bool)
+    near = np.zeros((S, L, N), dtype=bool)
+    t = problem.template
+    if len(t):
+        d = grid.min_image_distances(grid.positions.reshape(-1, 3), t.positions).reshape(L, N, len(t))
+        too_close = (d[None] < dmin[:, t.numbers][:, None, None, :]).any(-1)
+        near = (d[None] <= dmax[:, t.numbers][:, None, None, :]).any(-1)
+    planes = problem.template_layers
+    image = np.zeros((len(planes), grid.na, grid.nb), dtype=np.float32)
+    if planes:
+        k = grid.nearest_point(t.positions)
+        for c, z in enumerate(planes):
+            sel = np.abs(t.positions[:, 2] - z) < 0.3
+            image[c].reshape(-1)[k[sel]] = 1.0
+    n_channels = S * L + len(planes) + S
+    return _Context(dmin, dmax, too_close, near, image, n_channels)
+
+
+def observation_shape(problem: Problem) -> tuple[int, int, int]:
+    return (context(problem).n_channels, problem.grid.na, problem.grid.nb)
+
+
+def n_actions(problem: Problem) -> int:
+    return problem.n_species * problem.grid.n_layers * problem.grid.n_points
+
+
+def decode_action(problem: Problem, action: int) -> tuple[int, int, int]:
+    L, N = problem.grid.n_layers, problem.grid.n_points
+    return action // (L * N), (action // N) % L, action % N
+
+
+def encode_action(problem: Problem, species: int, layer: int, point: int) -> int:
+    L, N = problem.grid.n_layers, problem.grid.n_points
+    return (species * L + layer) * N + point
+
+
+def encode_observation(problem: Problem, species: np.ndarray, layers: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Image (C, na, nb): placed atoms per (species, layer), template planes, remaining-bag planes."""
+    ctx, grid = context(problem), problem.grid
+    S, L = problem.n_species, grid.n_layers
+    obs = np.zeros((ctx.n_channels, grid.na, grid.nb), dtype=np.float32)
+    flat = obs.reshape(ctx.n_channels, -1)
+    flat[np.asarray(species, dtype=int) * L + np.asarray(layers, dtype=int), np.asarray(points, dtype=int)] = 1.0
+    T = len(ctx.template_image)
+    obs[S * L:S * L + T] = ctx.template_image
+    bag = np.array([problem.bag[s] for s in problem.species], dtype=np.float32)
+    used = np.bincount(np.asarray(species, dtype=int), minlength=S)[:S]
+    obs[S * L + T:] = ((bag - used) / bag)[:, None, None]
+    return obs
+
+
+class BuildState:
+    """One build in progress. Cheap to create: template masks are computed once per problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.ctx = context(problem)
+        self.too_close = self.ctx.too_close.copy()
+        self.near = self.ctx.near.copy()
+        self.remaining = np.array([problem.bag[s] for s in problem.species])
+        self.species: list[int] = []
+        self.layers: list[int] = []
+        self.points: list[int] = []
+        self.actions: list[int] = []
+
+    @property
+    def step_index(self) -> int:
+        return len(self.actions)
+
+    @property
+    def done(self) -> bool:
+        return int(self.remaining.sum()) == 0
+
+    def allowed_species(self) -> np.ndarray:
+        allowed = self.remaining > 0
+        seq = self.problem.sequence
+        if seq is not None and not self.done:
+            only = np.zeros_like(allowed)
+            only[self.problem.species.index(seq[self.step_index])] = True
+            allowed &= only
+        return allowed
+
+    def action_mask(self) -> np.ndarray:
+        """Bool over all actions: rules satisfied and species still in the bag (and in sequence)."""
+        legal = ~self.too_close
+        if len(self.problem.template) or self.actions:
+            legal = legal & self.near
+        legal = legal & self.allowed_species()[:, None, None]
+        return legal.reshape(-1)
+
+    def place(self, action: int) -> None:
+        if not 0 <= action < self.too_close.size or not self.action_mask()[action]:
+            raise IllegalActionError(f"action {action} is not legal in this state")
+        s, layer, k = decode_action(self.problem, int(action))
+        grid = self.problem.grid
+        pos = grid.positions[layer, k]
+        d = grid.min_image_distances(grid.positions.reshape(-1, 3), pos[None]).reshape(grid.n_layers, grid.n_points)
+        z = atomic_numbers[self.problem.species[s]]
+        self.too_close |= d[None] < self.ctx.dmin[:, z, None, None]
+        self.near |= d[None] <= self.ctx.dmax[:, z, None, None]
+        self.remaining[s] -= 1
+        self.species.append(s)
+        self.layers.append(layer)
+        self.points.append(k)
+        self.actions.append(int(action))
+
+    def observation(self) -> np.ndarray:
+        return encode_observation(self.problem, np.array(self.species, dtype=int),
+                                  np.array(self.layers, dtype=int), np.array(self.points, dtype=int))
+
+    def atoms(self) -> Atoms:
+        """Template plus placed atoms as an ase.Atoms (no calculator attached)."""
+        return atoms_from_actions(self.problem, self.actions)
+
+    def canonical_key(self) -> tuple[int, ...]:
+        return self.problem.symmetry.canonical(np.array(self.species), np.array(self.layers), np.array(self.points))
+
+
+def atoms_from_actions(problem: Problem, actions: list[int] | np.ndarray) -> Atoms:
+    atoms = problem.empty_atoms()
+    for a in actions:
+        s, layer, k = decode_action(problem, int(a))
+        atoms.append(problem.species[s])
+        atoms.positions[-1] = problem.grid.positions[layer, k]
+    return atoms
+
+
+def random_build(problem: Problem, rng: np.random.Generator) -> BuildState:
+    """Uniformly random legal build; may stop early if no legal move is left (check .done)."""
+    state = BuildState(problem)
+    while not state.done:
+        legal = np.flatnonzero(state.action_mask())
+        if len(legal) == 0:
+            break
+        state.place(int(rng.choice(legal)))
+    return state

@@ -1,0 +1,162 @@
+"""Energy calculators by name: any ASE calculator, built from a problem's ``calculator`` section.
+
+Shipped names: ``emt`` (default), ``tersoff`` (Tersoff 1989 carbon), ``lj``, ``brenner`` (asap3),
+``tblite`` (GFN1/GFN2-xTB), ``gpaw`` (LCAO DFT) and ``sleep`` (a stand-in that takes a fixed time);
+or an import path ``package.module:Class`` (or ``package.module.Class``) with keyword arguments.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any, Callable
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from .errors import ProblemError
+
+EMT_ELEMENTS = {"H", "C", "N", "O", "Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au"}
+
+# Tersoff, Phys. Rev. B 39, 5566 (1989): carbon. Order as ase's TersoffParameters:
+# m, gamma, lambda3, c, d, h, n, beta, lambda2, B, R, D, lambda1, A
+TERSOFF_1989_CARBON = [3.0, 1.0, 0.0, 38049.0, 4.3484, -0.57058, 0.72751, 1.5724e-7, 2.2119, 346.74,
+                       1.95, 0.15, 3.4879, 1393.6]
+
+GPAW_DEFAULTS: dict[str, Any] = {"mode": "lcao", "basis": "dzp", "xc": "PBE", "kpts": (1, 1, 1),
+                                 "symmetry": "off", "txt": None, "spinpol": False}
+
+
+def make_safe_tersoff(parameters: dict | None = None, **kwargs: Any) -> Calculator:
+    """ASE's Tersoff with the one-neighbour case fixed.
+
+    ASE 3.29 evaluates d(b_ij)/d(zeta) = ... * zeta**(n-1) even when zeta = 0 (atom i has no
+    neighbour besides j: dimers, chain ends) and raises ZeroDivisionError. With zeta = 0 there is
+    no third atom k, so the derivative multiplies nothing; returning 0 gives the exact result.
+    """
+    from ase.calculators.tersoff import Tersoff, TersoffParameters
+
+    class SafeTersoff(Tersoff):
+        def _calc_bij_d(self, zeta: float, beta: float, n: float) -> float:
+            if zeta <= 0.0:
+                return 0.0
+            return super()._calc_bij_d(zeta, beta, n)
+
+    if parameters is None:
+        parameters = {("C", "C", "C"): TersoffParameters(*TERSOFF_1989_CARBON)}
+    return SafeTersoff(parameters=parameters, **kwargs)
+
+
+class SleepCalculator(Calculator):
+    """Stand-in for an expensive code: a pair energy plus a fixed wall-clock delay (for scaling tests)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, seconds: float = 1.0, inner: str = "emt", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = float(seconds)
+        self.inner = make_calculator({"name": inner})
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        time.sleep(self.seconds)
+        a = self.atoms.copy()
+        a.calc = self.inner
+        self.results = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+
+
+def _emt(**kw: Any) -> Calculator:
+    from ase.calculators.emt import EMT
+    return EMT(**kw)
+
+
+def _lj(**kw: Any) -> Calculator:
+    from ase.calculators.lj import LennardJones
+    kw.setdefault("smooth", True)
+    return LennardJones(**kw)
+
+
+def _brenner(**kw: Any) -> Calculator:
+    try:
+        from asap3 import BrennerPotential
+    except ImportError:
+        raise ProblemError("calculator.name", "'brenner' needs asap3: pip install 'asla[fast]'") from None
+    return BrennerPotential(**kw)
+
+
+def _tblite(**kw: Any) -> Calculator:
+    try:
+        from tblite.ase import TBLite
+    except ImportError:
+        raise ProblemError("calculator.name", "'tblite' needs tblite: pip install 'asla[xtb]'") from None
+    kw.setdefault("method", "GFN1-xTB")
+    kw.setdefault("verbosity", 0)
+    return TBLite(**kw)
+
+
+def _gpaw(**kw: Any) -> Calculator:
+    try:
+        from gpaw import GPAW
+    except ImportError:
+        raise ProblemError("calculator.name", "'gpaw' needs GPAW: see README (extra 'dft')") from None
+    settings = {**GPAW_DEFAULTS, **kw}
+    if isinstance(settings.get("kpts"), list):
+        settings["kpts"] = tuple(settings["kpts"])
+    if settings["mode"] == "lcao":
+        from gpaw import LCAO
+        settings["mode"] = LCAO()
+    return GPAW(**settings)
+
+
+def _sleep(**kw: Any) -> Calculator:
+    return SleepCalculator(**kw)
+
+
+BUILDERS: dict[str, Callable[..., Calculator]] = {
+    "emt": _emt, "tersoff": make_safe_tersoff, "lj": _lj, "brenner": _brenner,
+    "tblite": _tblite, "gpaw": _gpaw, "sleep": _sleep,
+}
+ELEMENTS: dict[str, set[str] | None] = {"emt": EMT_ELEMENTS, "tersoff": {"C"}, "brenner": {"C", "H"}}
+
+
+def _is_import_path(name: str) -> bool:
+    return ":" in name or "." in name
+
+
+def validate_calculator_spec(spec: Any, elements: list[str]) -> dict:
+    """Check a ``calculator`` section without importing heavy codes; return it normalised."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ProblemError("calculator", f"must be a mapping with a name; allowed names: {', '.join(BUILDERS)} "
+                           "or an import path package.module:Class")
+    spec = dict(spec)
+    name = spec["name"]
+    if not isinstance(name, str) or (name not in BUILDERS and not _is_import_path(name)):
+        raise ProblemError("calculator.name", f"unknown calculator {name!r}; allowed: {', '.join(BUILDERS)} "
+                           "or an import path package.module:Class")
+    allowed = ELEMENTS.get(name)
+    if allowed is not None:
+        bad = sorted(set(elements) - allowed)
+        if bad:
+            raise ProblemError("calculator.name", f"{name} has no parameters for {', '.join(bad)}; it supports "
+                               f"{', '.join(sorted(allowed))}")
+    if name == "emt" and "C" in elements and not spec.pop("allow_carbon", False):
+        raise ProblemError("calculator.name", "EMT is wrong for carbon (it prefers dense blobs to graphene); use "
+                           "tersoff, brenner or tblite, or set calculator.allow_carbon: true")
+    return spec
+
+
+def make_calculator(spec: dict) -> Calculator:
+    """A fresh ASE calculator from a validated spec (name plus keyword arguments)."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "allow_carbon")}
+    name = spec["name"]
+    if name in BUILDERS:
+        return BUILDERS[name](**kwargs)
+    module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ProblemError("calculator.name", f"cannot import {name!r}: {exc}") from None
+    return obj(**kwargs)
+
+
+def is_finite_energy(e: float) -> bool:
+    return e is not None and bool(np.isfinite(e))

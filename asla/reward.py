@@ -1,0 +1,230 @@
+"""Energy of finished structures and the bounded reward derived from it.
+
+The evaluator is the only place the expensive calculator is called, so it also counts
+evaluations (single points plus relaxation steps), caches symmetry-equivalent structures,
+enforces the time limit, and turns calculator faults into the problem's configured outcome
+instead of a crash that loses the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+
+from .calculators import make_calculator
+from .errors import CalculatorError
+from .problem import Problem
+from .storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    energy: float  # total energy in eV (relaxed if the problem relaxes); nan when failed
+    ok: bool
+    n_calls: int  # calculator evaluations spent on this structure (0 on a cache hit)
+    seconds: float
+    cached: bool = False
+    error: str | None = None
+    atoms: Atoms | None = field(default=None, repr=False)
+
+
+class _Timeout(Exception):
+    pass
+
+
+class EnergyEvaluator:
+    """Evaluates finished builds of one problem with its calculator."""
+
+    def __init__(self, problem: Problem, failure_dir: str | Path | None = None, use_cache: bool = True) -> None:
+        self.problem = problem
+        self.failure_dir = Path(failure_dir) if failure_dir else None
+        self.use_cache = use_cache
+        self.cache: dict[tuple[int, ...], float] = {}
+        self.n_calls = 0
+        self.n_structures = 0
+        self.n_cache_hits = 0
+        self.failures: list[dict] = []
+        self._calc = None
+
+    # -- public API ---------------------------------------------------------------------
+    def evaluate(self, atoms: Atoms, key: tuple[int, ...] | None = None) -> Evaluation:
+        """Energy of `atoms`; never raises for calculator faults unless the problem says ``raise``."""
+        if self.use_cache and key is not None and key in self.cache:
+            self.n_cache_hits += 1
+            e = self.cache[key]
+            return Evaluation(energy=e, ok=math.isfinite(e), n_calls=0, seconds=0.0, cached=True,
+                              atoms=_with_energy(atoms, e))
+        self.n_structures += 1
+        faults = self.problem.faults
+        spec = dict(self.problem.calculator)
+        t0 = time.perf_counter()
+        error, n_calls, energy, final = None, 0, float("nan"), atoms
+        for attempt in range(faults.retries + 1):
+            if attempt:
+                spec = {**spec, **faults.retry_settings}
+                self._calc = None
+            try:
+                energy, n_calls_try, final = self._run(atoms, spec)
+                n_calls += n_calls_try
+                if not math.isfinite(energy):
+                    raise CalculatorError(f"calculator {spec['name']} returned a non-finite energy ({energy})")
+                error = None
+                break
+            except Exception as exc:  # noqa: BLE001 - any calculator failure is handled per problem policy
+                n_calls += 1
+                self._calc = None  # a failed calculator may hold a broken state
+                error = _describe(exc, spec)
+                energy = float("nan")
+        self.n_calls += n_calls
+        seconds = time.perf_counter() - t0
+        if error is not None:
+            self._record_failure(atoms, error)
+            if faults.on_error == "raise":
+                raise CalculatorError(error)
+        if self.use_cache and key is not None:
+            self.cache[key] = energy
+        return Evaluation(energy=energy, ok=error is None, n_calls=n_calls, seconds=seconds, error=error,
+                          atoms=_with_energy(final, energy))
+
+    def relative(self, energy: float) -> float | None:
+        ref = self.problem.reference_energy
+        return None if ref is None else energy - ref
+
+    # -- persistence of the cache --------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cache": [[list(k), v] for k, v in self.cache.items()], "n_calls": self.n_calls,
+                "n_structures": self.n_structures, "n_cache_hits": self.n_cache_hits, "failures": self.failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache = {tuple(k): float(v) for k, v in state.get("cache", [])}
+        self.n_calls = int(state.get("n_calls", 0))
+        self.n_structures = int(state.get("n_structures", 0))
+        self.n_cache_hits = int(state.get("n_cache_hits", 0))
+        self.failures = list(state.get("failures", []))
+
+    def save_cache(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.state_dict()))
+
+    # -- internals ----------------------------------------------------------------------
+    def _calculator(self, spec: dict):
+        if self._calc is None or spec != getattr(self, "_calc_spec", None):
+            self._calc = make_calculator(spec)
+            self._calc_spec = spec
+        return self._calc
+
+    def _run(self, atoms: Atoms, spec: dict) -> tuple[float, int, Atoms]:
+        work = atoms.copy()
+        work.calc = self._calculator(spec)
+        with _time_limit(self.problem.faults.timeout):
+            relax = self.problem.relax
+            if relax.steps > 0:
+                n_template = len(self.problem.template)
+                work.set_constraint(FixAtoms(indices=range(n_template)))
+                from ase import optimize
+                opt = getattr(optimize, relax.optimizer)(work, logfile=None)
+                opt.run(fmax=relax.fmax, steps=relax.steps)
+                n_calls = opt.nsteps + 1
+                work.set_constraint()
+            else:
+                n_calls = 1
+            energy = float(work.get_potential_energy())
+        return energy, n_calls, work
+
+    def _record_failure(self, atoms: Atoms, error: str) -> None:
+        entry = {"index": len(self.failures), "error": error, "time": time.time(), "file": None}
+        log.warning("energy evaluation failed: %s", error)
+        if self.failure_dir is not None:
+            from ase.io import write
+            self.failure_dir.mkdir(parents=True, exist_ok=True)
+            path = self.failure_dir / f"failed-{len(self.failures):05d}.extxyz"
+            a = atoms.copy()
+            a.info["error"] = error
+            write(path, a, format="extxyz")
+            entry["file"] = str(path)
+        self.failures.append(entry)
+
+
+def _describe(exc: BaseException, spec: dict) -> str:
+    if isinstance(exc, _Timeout):
+        return f"calculator {spec['name']} exceeded the time limit (faults.timeout)"
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"calculator {spec['name']} failed: {type(exc).__name__}: {msg}"[:300]
+
+
+class _time_limit:
+    """Wall-clock limit via SIGALRM (main thread only; elsewhere it is not enforced)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.active = bool(seconds) and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.old = signal.signal(signal.SIGALRM, self._raise)
+            signal.setitimer(signal.ITIMER_REAL, float(self.seconds))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+    @staticmethod
+    def _raise(signum, frame):  # noqa: ANN001
+        raise _Timeout()
+
+
+def _with_energy(atoms: Atoms, energy: float) -> Atoms:
+    a = atoms.copy()
+    a.calc = SinglePointCalculator(a, energy=energy)
+    return a
+
+
+class RewardScale:
+    """Map energies to rewards in [-1, 1]: 1 at the lowest energy seen, 0 at a high quantile.
+
+    ``r = clip((E_high - E) / (E_high - E_low), -1, 1)``; failed builds get -1. Keep raw energies
+    and recompute, because the scale moves as the search finds lower structures.
+    """
+
+    def __init__(self, quantile: float = 0.9, window: int = 5000) -> None:
+        self.quantile = quantile
+        self.window = window
+        self.energies: list[float] = []
+        self.low = math.inf
+
+    def update(self, energies) -> None:  # noqa: ANN001
+        new = [float(e) for e in np.atleast_1d(energies) if np.isfinite(e)]
+        self.energies.extend(new)
+        self.low = min([self.low, *new])
+        if len(self.energies) > 2 * self.window:
+            self.energies = self.energies[-self.window:]
+
+    def bounds(self) -> tuple[float, float]:
+        if not self.energies:
+            return 0.0, 1.0
+        e = np.asarray(self.energies[-self.window:])
+        low = min(self.low, float(e.min()))
+        high = float(np.quantile(e, self.quantile))
+        if high - low < 1e-6:
+            high = low + 1.0
+        return low, high
+
+    def __call__(self, energies) -> np.ndarray:  # noqa: ANN001
+        return rewards(np.asarray(energies, dtype=float), *self.bounds())
+
+
+def rewards(energies: np.ndarray, low: float, high: float) -> np.ndarray:
+    r = np.clip((high - energies) / (high - low), -1.0, 1.0)
+    return np.where(np.isfinite(energies), r, -1.0)

@@ -1,0 +1,72 @@
+"""Files of a run: atomic writes, structures as extxyz or ase.db, JSON summaries.
+
+Everything is written to a temporary file in the same directory and renamed into place, so a
+run killed at any moment leaves either the old or the new file, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from ase import Atoms
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    import numpy as np
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_structures(path: str | Path, structures: Iterable[Atoms]) -> None:
+    """Write structures (with energies attached) atomically as extxyz, or into an ase.db by suffix."""
+    path = Path(path)
+    structures = list(structures)
+    if path.suffix == ".db":
+        append_db(path, structures)
+        return
+    from ase.io import write
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp, structures, format="extxyz")
+    os.replace(tmp, path)
+
+
+def append_db(path: str | Path, structures: Iterable[Atoms], **key_value_pairs: Any) -> None:
+    """Add structures to an ASE database (SQLite file or a URL ASE accepts)."""
+    from ase.db import connect
+    with connect(str(path)) as db:
+        for atoms in structures:
+            kv = {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str, bool)) and k.isidentifier()}
+            db.write(atoms, key_value_pairs={**kv, **key_value_pairs})
