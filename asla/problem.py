@@ -285,6 +285,7 @@ def problem_from_dict(data: dict) -> Problem:
         raise ProblemError("pbc", f"the cell must be periodic along a and b, e.g. [true, true, false]; got {data.get('pbc')}")
     template.set_cell(cell)
     template.set_pbc(pbc)
+    template.info = {}  # ase.build's adsorbate_info cannot go into extxyz/ase.db
 
     # build region: heights of the layers
     region = data.get("region", {})

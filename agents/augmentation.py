@@ -1,0 +1,44 @@
+"""Rotational data augmentation: a structure and its symmetry images get the same reward.
+
+States are stored as lists of placed atoms (species, layer, grid point), so an exact lattice
+symmetry is applied to the atoms and the action alike before the image is encoded: the
+template is invariant under the group by construction, and every atom keeps its species.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from asla.grid import SymmetryGroup
+
+
+def exact(group: SymmetryGroup, rng: np.random.Generator, points: list[np.ndarray],
+          action_points: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Apply one random group operation per sample to its placed atoms and its action point."""
+    ms, ts = group.sample(rng, len(points))
+    new_points = [group.apply(m, t, p) if len(p) else p for m, t, p in zip(ms, ts, points)]
+    new_actions = np.array([group.apply(m, t, np.array([a]))[0] for m, t, a in zip(ms, ts, action_points)])
+    return new_points, new_actions
+
+
+def arbitrary_rotation(group: SymmetryGroup, rng: np.random.Generator, points: list[np.ndarray],
+                       action_points: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Rotate by a random angle about a random grid point and snap back to the grid.
+
+    Not an exact symmetry under periodic boundaries (the papers use it as a regulariser), and
+    two atoms may snap onto one point; use as an option, after the exact group operation.
+    """
+    grid = group.grid
+    pts, acts = exact(group, rng, points, action_points)
+    out_p, out_a = [], []
+    for p, a in zip(pts, acts):
+        theta = rng.uniform(0, 2 * np.pi)
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        centre = grid.positions[0, rng.integers(grid.n_points), :2]
+        allp = np.concatenate([p, [a]]).astype(int)
+        xy = grid.positions[0, allp, :2] - centre
+        xyz = np.zeros((len(allp), 3))
+        xyz[:, :2] = xy @ rot.T + centre
+        snapped = grid.nearest_point(xyz)
+        out_p.append(snapped[:-1])
+        out_a.append(snapped[-1])
+    return out_p, np.array(out_a)

@@ -1,0 +1,104 @@
+"""Training recipes: YAML with a problem and hyperparameters, validated, overridable by --set."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asla.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "problem": None,            # shipped problem name, a YAML path, or an inline mapping
+    "seed": 0,
+    "episodes": 1000,
+    "n_builders": 4,            # builds per iteration, forward passes batched
+    "device": None,             # cuda when available, else cpu
+    "torch_threads": 1,         # one core of real throughput on 2 vCPUs: more threads only contend
+    "run_dir": None,            # default runs/<recipe>-s<seed>
+    "network": {"width": 32, "depth": 4, "kernel": 5, "dilation": 1, "global_branch": True},
+    "epsilon": {"start": 0.5, "end": 0.05, "decay_episodes": 500},
+    "fine_tune_epsilon": {"start": 0.2, "end": 0.05, "decay_episodes": 200},   # used with --init-from
+    "learning": {"lr": 1.0e-3, "batch_size": 64, "grad_steps_per_episode": 1, "loss": "huber",
+                 "replay_capacity": 2000, "n_best": 20, "best_fraction": 0.25, "reward_quantile": 0.9, "weight_decay": 0.0,
+                 "warmup_episodes": 16},
+    "augment": {"exact": True, "arbitrary_rotation": False},
+    "checkpoint_every": 200,    # episodes
+    "log_images_every": 100,    # episodes
+    "record_evaluations": True, # every evaluated structure into run_dir/evaluations.db
+    "stop_at_reference": False, # stop once a build reaches the problem's reference energy (on-grid)
+}
+
+CHOICES = {"learning.loss": ("huber", "mse")}
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        name = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(name, f"unknown key; allowed: {', '.join(sorted(base))}")
+        if isinstance(base[k], dict) and k != "problem":
+            if not isinstance(v, dict):
+                raise ConfigError(name, f"must be a mapping with keys {', '.join(sorted(base[k]))}")
+            out[k] = _merge(base[k], v, f"{name}.")
+        else:
+            out[k] = v
+    return out
+
+
+def parse_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            pass
+    return value
+
+
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None) -> dict:
+    """Recipe (path or dict) merged over the defaults, with 'key.sub=value' overrides."""
+    if path is None:
+        data: dict = {}
+    elif isinstance(path, dict):
+        data = copy.deepcopy(path)
+    else:
+        p = Path(path)
+        if not p.exists():
+            from importlib import resources
+            shipped = Path(str(resources.files("configs"))) / f"{path}.yaml"
+            if not shipped.exists():
+                raise ConfigError("config", f"file {str(path)!r} does not exist")
+            p = shipped
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"{p} must hold a mapping")
+        data.setdefault("name", p.stem)
+    name = data.pop("name", None)
+    cfg = _merge(DEFAULTS, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError("--set", f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = cfg
+        for n, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], dict):
+                raise ConfigError(key, f"unknown key; allowed: {', '.join(sorted(node))}")
+            node = node[part]
+        if parts[-1] not in node and not (parts[0] == "problem"):
+            raise ConfigError(key, f"unknown key; allowed: {', '.join(sorted(node))}")
+        node[parts[-1]] = parse_value(value)
+    if cfg["problem"] is None:
+        raise ConfigError("problem", "is required: a shipped problem name, a YAML path or a mapping")
+    for key, allowed in CHOICES.items():
+        sec, sub = key.split(".")
+        if cfg[sec][sub] not in allowed:
+            raise ConfigError(key, f"unknown value {cfg[sec][sub]!r}; allowed: {', '.join(allowed)}")
+    for key in ("episodes", "n_builders", "checkpoint_every"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(key, f"must be a positive integer, got {cfg[key]!r}")
+    cfg["name"] = name or (cfg["problem"] if isinstance(cfg["problem"], str) else "run")
+    return cfg

@@ -1,0 +1,423 @@
+"""Training loop (CleanRL style: it reads top to bottom).
+
+Each iteration: n_builders builds in lockstep (one batched forward pass per step, ε-greedy over
+legal actions), the finished structures go to the calculator, their episodes into the replay
+buffer, then a fixed number of gradient steps on Monte-Carlo targets (the episode's reward for
+every step of it), each sample transformed by a random lattice symmetry.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn import functional as F
+
+from asla.builder import decode_action, encode_action, encode_observation
+from asla.errors import CheckpointError, ConfigError
+from asla.problem import load_problem
+from asla.render import render_atoms, render_heatmap
+from asla.reward import EnergyEvaluator, RewardScale, rewards
+from asla.storage import append_db, atomic_write_text, write_json, write_structures
+
+from . import augmentation
+from .agent import Agent
+from .checkpoint import load_tensors, save_tensors
+from .config import load_config
+from .qnetwork import NetworkConfig
+from .replay import Episode, ReplayBuffer
+
+
+def epsilon_at(schedule: dict, episode: int) -> float:
+    """Linear decay from start to end over decay_episodes, then constant."""
+    frac = min(1.0, episode / max(1, schedule["decay_episodes"]))
+    return float(schedule["start"] + frac * (schedule["end"] - schedule["start"]))
+
+
+class TrainState:
+    """Counters and bests that make up a run's progress (all JSON)."""
+
+    def __init__(self) -> None:
+        self.episodes = 0
+        self.iterations = 0
+        self.best_energy = math.inf
+        self.best_actions: list[int] = []
+        self.history: list[dict] = []  # one row per improvement of the best energy
+        self.seconds = 0.0
+        self.timing = {"rollout": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0, "checkpoint": 0.0}
+        self.dead_ends = 0
+        self.found_reference_at: dict | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = False,
+          init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None) -> dict:
+    """Train an agent; returns the run summary. Resumes from run_dir's last checkpoint if asked."""
+    # ---- configuration and run directory --------------------------------------------------
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume", "needs the run directory")
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError("--resume", f"{run_dir} holds no config.yaml: not an asla run directory")
+        cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides)
+    else:
+        cfg = config if isinstance(config, dict) and "learning" in config else load_config(config, overrides)
+        run_dir = Path(run_dir or cfg["run_dir"] or f"runs/{cfg['name']}-s{cfg['seed']}")
+        if (run_dir / "checkpoints" / "latest").exists():
+            raise ConfigError("run_dir", f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg["run_dir"] = str(run_dir)
+    if init_from is not None:
+        cfg["init_from"] = str(init_from)
+    problem = load_problem(cfg["problem"])
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "problem.yaml", yaml.safe_dump(_plain(problem.to_dict()), sort_keys=False))
+
+    torch.set_num_threads(int(cfg["torch_threads"]))
+    rng = np.random.default_rng(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    learn_cfg, aug_cfg = cfg["learning"], cfg["augment"]
+
+    # ---- agent, optimiser, replay, evaluator ---------------------------------------------
+    agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
+                              device=cfg["device"])
+    eps_schedule = cfg["epsilon"]
+    if cfg.get("init_from"):
+        source = Agent.load(cfg["init_from"])
+        source.check_compatible(problem)
+        if source.network_config.to_dict() != agent.network_config.to_dict():
+            agent = Agent.for_problem(problem, source.network_config, device=cfg["device"])
+            cfg["network"] = {k: v for k, v in source.network_config.to_dict().items() if k != "periodic"}
+        agent.net.load_state_dict(source.net.state_dict())
+        agent.card["init_from"] = {"path": cfg["init_from"], "problem": source.card.get("problem"),
+                                   "episodes": source.card.get("episodes")}
+        eps_schedule = cfg["fine_tune_epsilon"]
+    optimizer = torch.optim.Adam(agent.net.parameters(), lr=learn_cfg["lr"], weight_decay=learn_cfg["weight_decay"])
+    replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
+    evaluator = EnergyEvaluator(problem, failure_dir=run_dir / "failures")
+    scale = RewardScale(quantile=learn_cfg["reward_quantile"])
+    state = TrainState()
+    if resume:
+        _load_checkpoint(run_dir, agent, optimizer, replay, evaluator, scale, state, rng)
+        _drop_db_rows_after(run_dir / "evaluations.db", state.episodes)
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(run_dir), purge_step=state.iterations if resume else None)
+    if not resume:
+        writer.add_text("hyperparameters", _hparam_table(cfg))
+        writer.add_text("problem", f"`{problem.name}`: {problem.description}")
+
+    pbar = _progress(cfg["episodes"], state.episodes, progress)
+    next_checkpoint = (state.episodes // cfg["checkpoint_every"] + 1) * cfg["checkpoint_every"]
+    next_images = state.episodes
+    ref, ref_tol = problem.reference_energy, 1e-6
+    on_grid_reference = ref is not None and not problem.reference.get("relaxed", False)
+    recent_energies: list[float] = []
+    t_start = time.perf_counter() - state.seconds
+
+    # ---- main loop -------------------------------------------------------------------------
+    while state.episodes < cfg["episodes"]:
+        t_iter = time.perf_counter()
+        epsilon = epsilon_at(eps_schedule, state.episodes)
+        n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
+
+        t0 = time.perf_counter()
+        builds = agent.rollout(problem, n, epsilon, rng)
+        state.timing["rollout"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        evaluated = []
+        for builder, build in enumerate(builds):
+            episode = state.episodes
+            key = build.canonical_key()
+            if build.done:
+                ev = evaluator.evaluate(build.atoms(), key=key)
+                energy = ev.energy if ev.ok else float("nan")
+                if ev.atoms is not None and not ev.cached:
+                    ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
+                                          "seconds": ev.seconds, "n_calls": ev.n_calls})
+                    evaluated.append(ev.atoms)
+            else:
+                energy = float("nan")
+                state.dead_ends += 1
+            replay.add(Episode(list(build.actions), energy, key, episode))
+            state.episodes += 1
+            if math.isfinite(energy):
+                recent_energies.append(energy)
+                writer.add_scalar("charts/episode_energy", energy, state.episodes)
+                if energy < state.best_energy - 1e-9:
+                    state.best_energy = energy
+                    state.best_actions = list(build.actions)
+                    state.history.append({"episode": state.episodes, "evaluations": evaluator.n_calls,
+                                          "energy": energy, "actions": list(build.actions),
+                                          "seconds": time.perf_counter() - t_start})
+                    _write_best(run_dir, problem, replay)
+                if on_grid_reference and state.found_reference_at is None and energy <= ref + ref_tol:
+                    state.found_reference_at = {"episode": state.episodes, "evaluations": evaluator.n_calls}
+        scale.update([e.energy for e in replay.recent[-n:]])
+        if evaluated and cfg["record_evaluations"]:
+            append_db(run_dir / "evaluations.db", evaluated, run=run_dir.name)
+        state.timing["calculator"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        losses, qs = [], []
+        if state.episodes >= learn_cfg["warmup_episodes"]:
+            for _ in range(learn_cfg["grad_steps_per_episode"] * n):
+                loss, qmean = _learn_step(agent, optimizer, problem, replay, scale, rng, learn_cfg, aug_cfg)
+                losses.append(loss)
+                qs.append(qmean)
+        state.timing["learn"] += time.perf_counter() - t0
+
+        # ---- logging ------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        state.iterations += 1
+        dt = time.perf_counter() - t_iter
+        step = state.episodes
+        writer.add_scalar("charts/epsilon", epsilon, step)
+        writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
+        writer.add_scalar("charts/energy_evaluations", evaluator.n_calls, step)
+        if math.isfinite(state.best_energy):
+            writer.add_scalar("charts/best_energy", state.best_energy, step)
+            if ref is not None:
+                writer.add_scalar("charts/best_energy_relative", state.best_energy - ref, step)
+        writer.add_scalar("charts/dead_ends", state.dead_ends, step)
+        writer.add_scalar("charts/failed_evaluations", len(evaluator.failures), step)
+        if losses:
+            writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
+            writer.add_scalar("losses/q_mean", float(np.mean(qs)), step)
+        if step >= next_images:
+            next_images = step + cfg["log_images_every"]
+            _log_images(writer, agent, problem, state, recent_energies, step)
+            recent_energies = []
+        pbar.update(n)
+        pbar.set_postfix(best=f"{state.best_energy:.3f}", eps=f"{epsilon:.2f}", evals=evaluator.n_calls)
+        state.timing["logging"] += time.perf_counter() - t0
+
+        state.seconds = time.perf_counter() - t_start
+        if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"]:
+            t0 = time.perf_counter()
+            next_checkpoint += cfg["checkpoint_every"]
+            _save_checkpoint(run_dir, cfg, agent, optimizer, replay, evaluator, scale, state, rng)
+            writer.flush()
+            state.timing["checkpoint"] += time.perf_counter() - t0
+        if cfg["stop_at_reference"] and state.found_reference_at is not None:
+            _save_checkpoint(run_dir, cfg, agent, optimizer, replay, evaluator, scale, state, rng)
+            break
+        if cfg.get("_stop_after_episodes") and state.episodes >= cfg["_stop_after_episodes"]:
+            break  # for tests of kill-and-resume
+
+    pbar.close()
+    writer.close()
+    summary = _summary(cfg, problem, state, evaluator)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# ---- learning ---------------------------------------------------------------------------------
+
+def _learn_step(agent: Agent, optimizer: torch.optim.Optimizer, problem, replay: ReplayBuffer,
+                scale: RewardScale, rng: np.random.Generator, learn_cfg: dict, aug_cfg: dict) -> tuple[float, float]:
+    samples = replay.sample(rng, learn_cfg["batch_size"], learn_cfg["best_fraction"])
+    low, high = scale.bounds()
+    targets = rewards(np.array([ep.energy for ep, _ in samples]), low, high)
+    L, N = problem.grid.n_layers, problem.grid.n_points
+    species, layers, points, a_species, a_layers, a_points = [], [], [], [], [], []
+    for ep, t in samples:
+        prefix = np.asarray(ep.actions[:t], dtype=int)
+        species.append(prefix // (L * N))
+        layers.append((prefix // N) % L)
+        points.append(prefix % N)
+        s, layer, k = decode_action(problem, ep.actions[t])
+        a_species.append(s)
+        a_layers.append(layer)
+        a_points.append(k)
+    a_points = np.array(a_points)
+    if aug_cfg["exact"]:
+        points, a_points = augmentation.exact(problem.symmetry, rng, points, a_points)
+    if aug_cfg["arbitrary_rotation"]:
+        points, a_points = augmentation.arbitrary_rotation(problem.symmetry, rng, points, a_points)
+    obs = np.stack([encode_observation(problem, s, layer, p) for s, layer, p in zip(species, layers, points)])
+    actions = np.array([encode_action(problem, s, layer, k) for s, layer, k in zip(a_species, a_layers, a_points)])
+    device = agent.device
+    q_all = agent.net(torch.as_tensor(obs, device=device))
+    q = q_all.gather(1, torch.as_tensor(actions, device=device)[:, None]).squeeze(1)
+    target = torch.as_tensor(targets, dtype=torch.float32, device=device)
+    loss = F.huber_loss(q, target) if learn_cfg["loss"] == "huber" else F.mse_loss(q, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), float(q.detach().mean())
+
+
+# ---- run directory: images, bests, checkpoints, summary ------------------------------------
+
+def _write_best(run_dir: Path, problem, replay: ReplayBuffer) -> None:
+    from asla.builder import atoms_from_actions
+    frames = []
+    for ep in replay.best:
+        a = atoms_from_actions(problem, ep.actions)
+        from ase.calculators.singlepoint import SinglePointCalculator
+        a.calc = SinglePointCalculator(a, energy=ep.energy)
+        a.info["episode"] = ep.episode
+        frames.append(a)
+    write_structures(run_dir / "best.extxyz", frames)
+
+
+def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list[float], step: int) -> None:
+    from asla.builder import BuildState, atoms_from_actions
+    if state.best_actions:
+        atoms = atoms_from_actions(problem, state.best_actions)
+        writer.add_image("structures/best", render_atoms(atoms, n_template=len(problem.template)), step,
+                         dataformats="HWC")
+    if energies:
+        writer.add_histogram("charts/episode_energies", np.asarray(energies), step)
+    # Q-value maps of the first build step, one per (species, layer)
+    s0 = BuildState(problem)
+    q = agent.q_values(s0.observation()[None])[0]
+    mask = s0.action_mask()
+    q = np.where(mask, q, np.nan).reshape(problem.n_species, problem.grid.n_layers, problem.grid.na, problem.grid.nb)
+    for s, sym in enumerate(problem.species):
+        for layer in range(problem.grid.n_layers):
+            writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
+
+
+def _save_checkpoint(run_dir: Path, cfg: dict, agent: Agent, optimizer, replay: ReplayBuffer,
+                     evaluator: EnergyEvaluator, scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
+    """Write everything into a fresh directory, then move the 'latest' pointer atomically."""
+    ckdir = run_dir / "checkpoints"
+    name = f"ckpt-{state.episodes:08d}"
+    target = ckdir / name
+    if target.exists():
+        shutil.rmtree(target)
+    card = {"problem": cfg["problem"] if isinstance(cfg["problem"], str) else cfg["name"],
+            "episodes": state.episodes, "best_energy": state.best_energy if math.isfinite(state.best_energy) else None,
+            "evaluations": evaluator.n_calls, "trained_with": cfg.get("command")}
+    agent.save(target / "agent", **card)
+    opt = optimizer.state_dict()
+    tensors = {"torch_rng": torch.get_rng_state()}
+    opt_state = {}
+    for idx, st in opt["state"].items():
+        opt_state[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v
+            else:
+                opt_state[str(idx)][k] = v
+    meta = {"format": "asla-trainer", "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_state},
+            "replay": replay.state_dict(), "evaluator": evaluator.state_dict(),
+            "scale": {"energies": scale.energies, "low": scale.low if math.isfinite(scale.low) else None},
+            "state": state.to_dict(), "rng": rng.bit_generator.state}
+    save_tensors(target / "trainer", tensors, meta)
+    atomic_write_text(ckdir / "latest", name + "\n")
+    for f in ("agent.safetensors", "agent.json"):
+        shutil.copyfile(target / f, run_dir / f".{f}.tmp")
+        (run_dir / f".{f}.tmp").replace(run_dir / f)
+    for old in sorted(ckdir.glob("ckpt-*")):
+        if old.name != name and old.name < name:
+            keep = sorted(ckdir.glob("ckpt-*"))[-2:]
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+    write_json(run_dir / "summary.json", _summary(cfg, load_problem(cfg["problem"]), state, evaluator))
+
+
+def _load_checkpoint(run_dir: Path, agent: Agent, optimizer, replay: ReplayBuffer, evaluator: EnergyEvaluator,
+                     scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        raise CheckpointError(f"{run_dir} has no checkpoint yet (checkpoints/latest missing); start it afresh")
+    target = run_dir / "checkpoints" / pointer.read_text().strip()
+    saved = Agent.load(target / "agent")
+    agent.net.load_state_dict(saved.net.state_dict())
+    agent.card.update(saved.card)
+    tensors, meta = load_tensors(target / "trainer", expect_format="asla-trainer")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for idx, scalars in meta["optimizer"]["scalars"].items():
+        opt_state[int(idx)] = dict(scalars)
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    torch.set_rng_state(tensors["torch_rng"])
+    replay.load_state_dict(meta["replay"])
+    evaluator.load_state_dict(meta["evaluator"])
+    scale.energies = list(meta["scale"]["energies"])
+    scale.low = math.inf if meta["scale"]["low"] is None else float(meta["scale"]["low"])
+    state.load(meta["state"])
+    rng.bit_generator.state = meta["rng"]
+
+
+def _drop_db_rows_after(db_path: Path, episodes: int) -> None:
+    """Rows written after the checkpoint will be evaluated again on resume: drop them, no duplicates."""
+    if not db_path.exists():
+        return
+    from ase.db import connect
+    with connect(str(db_path)) as db:
+        ids = [row.id for row in db.select(f"episode>={episodes}")]
+        if ids:
+            db.delete(ids)
+
+
+def _summary(cfg: dict, problem, state: TrainState, evaluator: EnergyEvaluator) -> dict:
+    ref = problem.reference_energy
+    best = state.best_energy if math.isfinite(state.best_energy) else None
+    return {"problem": problem.name, "run_dir": cfg["run_dir"], "seed": cfg["seed"], "episodes": state.episodes,
+            "energy_evaluations": evaluator.n_calls, "structures_evaluated": evaluator.n_structures,
+            "cache_hits": evaluator.n_cache_hits, "best_energy": best,
+            "best_energy_relative": None if best is None or ref is None else best - ref,
+            "reference_energy": ref, "found_reference_at": state.found_reference_at,
+            "best_actions": state.best_actions, "history": state.history, "dead_ends": state.dead_ends,
+            "failures": len(evaluator.failures), "failure_summary": _failure_summary(evaluator),
+            "seconds": state.seconds, "episodes_per_second": state.episodes / max(state.seconds, 1e-9),
+            "timing_seconds": state.timing}
+
+
+def _failure_summary(evaluator: EnergyEvaluator) -> dict:
+    if hasattr(evaluator, "failure_summary"):
+        return evaluator.failure_summary()
+    counts: dict[str, int] = {}
+    for f in evaluator.failures:
+        kind = f["error"].split(":")[1].strip() if ":" in f["error"] else f["error"]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _hparam_table(cfg: dict) -> str:
+    rows = []
+
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "problem":
+                walk(v, f"{prefix}{k}.")
+            else:
+                rows.append(f"|{prefix}{k}|{json.dumps(v) if not isinstance(v, str) else v}|")
+    walk(cfg)
+    return "|param|value|\n|-|-|\n" + "\n".join(rows)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="ep", dynamic_ncols=True)
