@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "log_images_every": 100,    # episodes
     "record_evaluations": True, # every evaluated structure into run_dir/evaluations.db
     "stop_at_reference": False, # stop once a build reaches the problem's reference energy (on-grid)
+    "init_from": None,          # agent to start from (set by --init-from; kept for --resume)
 }
 
 CHOICES = {"learning.loss": ("huber", "mse")}

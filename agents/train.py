@@ -83,7 +83,8 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
         cfg["init_from"] = str(init_from)
     problem = load_problem(cfg["problem"])
     if not resume:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+        public = {k: v for k, v in cfg.items() if not k.startswith("_")}  # private test hooks stay out
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(public), sort_keys=False))
         atomic_write_text(run_dir / "problem.yaml", yaml.safe_dump(_plain(problem.to_dict()), sort_keys=False))
 
     torch.set_num_threads(int(cfg["torch_threads"]))

@@ -1,0 +1,181 @@
+"""Q-network, augmentation, checkpoints, resume, TensorBoard tags and CLI of the agent."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agents import augmentation
+from agents.agent import Agent
+from agents.config import load_config
+from agents.qnetwork import NetworkConfig, QNetwork
+from agents.train import train
+from asla import CheckpointError, ConfigError, load_problem
+from asla.builder import BuildState, atoms_from_actions, encode_action, encode_observation, observation_shape, random_build
+from asla.reward import EnergyEvaluator
+
+TINY = {"network": {"width": 8, "depth": 2, "kernel": 3}, "n_builders": 4, "checkpoint_every": 20,
+        "learning": {"batch_size": 16, "warmup_episodes": 4}, "log_images_every": 20}
+
+
+def tiny_cfg(**extra):
+    cfg = load_config({"problem": "tiny-pd2o", **TINY})
+    cfg.update(extra)
+    return cfg
+
+
+def test_same_weights_run_on_3x3_and_5x5():
+    p3, p5 = load_problem("pd100-oxide-3x3"), load_problem("pd100-oxide-5x5")
+    agent = Agent.for_problem(p3, NetworkConfig(width=8, depth=2, kernel=3))
+    agent.check_compatible(p5)  # same species, spacing, layers, channels
+    for p in (p3, p5):
+        q = agent.q_values(BuildState(p).observation()[None])
+        assert q.shape == (1, p.n_species * p.grid.n_layers * p.grid.n_points)
+        assert np.all(np.isfinite(q))
+    assert p3.grid.n_points != p5.grid.n_points
+
+
+def test_network_is_translation_equivariant_with_periodic_padding():
+    torch.manual_seed(0)
+    net = QNetwork(3, 2, NetworkConfig(width=8, depth=2, kernel=3))
+    x = torch.rand(1, 3, 12, 12)
+    shifted = torch.roll(x, shifts=(5, 7), dims=(2, 3))
+    q = net(x).reshape(1, 2, 12, 12)
+    q_shifted = net(shifted).reshape(1, 2, 12, 12)
+    assert torch.allclose(torch.roll(q, shifts=(5, 7), dims=(2, 3)), q_shifted, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pd100-oxide-2x2", "graphene-c24"])
+def test_augmentation_gives_legal_equivalent_pair_with_same_energy(name):
+    problem = load_problem(name)
+    rng = np.random.default_rng(3)
+    ev = EnergyEvaluator(problem, use_cache=False)
+    for _ in range(3):
+        state = random_build(problem, rng)
+        n = len(state.actions)
+        t = int(rng.integers(1, n))
+        pts = [np.array(state.points[:t])]
+        new_pts, new_act = augmentation.exact(problem.symmetry, rng, pts, np.array([state.points[t]]))
+        # the transformed prefix, then the transformed action, is a legal build sequence
+        replay = BuildState(problem)
+        for s, layer, k in zip(state.species[:t], state.layers[:t], new_pts[0]):
+            replay.place(encode_action(problem, s, layer, int(k)))
+        assert replay.action_mask()[encode_action(problem, state.species[t], state.layers[t], int(new_act[0]))]
+        # every atom stays on its species channel, the atom count is unchanged
+        obs = encode_observation(problem, np.array(state.species[:t]), np.array(state.layers[:t]), new_pts[0])
+        L = problem.grid.n_layers
+        for s in range(problem.n_species):
+            assert obs[s * L:(s + 1) * L].sum() == sum(1 for x in state.species[:t] if x == s)
+        # the whole transformed structure has the same energy
+        ms, ts = problem.symmetry.sample(rng, 1)
+        full = problem.symmetry.apply(ms[0], ts[0], np.array(state.points))
+        acts = [encode_action(problem, s, layer, int(k)) for s, layer, k in zip(state.species, state.layers, full)]
+        e0 = ev.evaluate(state.atoms()).energy
+        e1 = ev.evaluate(atoms_from_actions(problem, acts)).energy
+        assert e1 == pytest.approx(e0, abs=1e-6)
+
+
+def test_save_load_roundtrip_and_card(tmp_path):
+    p = load_problem("tiny-pd2o")
+    agent = Agent.for_problem(p, NetworkConfig(width=8, depth=2, kernel=3))
+    obs = BuildState(p).observation()[None]
+    agent.save(tmp_path / "a", episodes=7, best_energy=1.5)
+    card = json.loads((tmp_path / "a.json").read_text())
+    for key in ("species", "grid_spacing", "network", "problem", "episodes", "best_energy", "asla_version"):
+        assert key in card
+    loaded = Agent.load(tmp_path / "a.safetensors")
+    assert np.array_equal(loaded.q_values(obs), agent.q_values(obs))
+    assert loaded.card["episodes"] == 7
+
+
+def test_load_refuses_mismatch_and_corrupt_files(tmp_path):
+    p = load_problem("tiny-pd2o")
+    agent = Agent.for_problem(p, NetworkConfig(width=8, depth=2, kernel=3))
+    agent.save(tmp_path / "a")
+    loaded = Agent.load(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="species mismatch"):
+        loaded.check_compatible(load_problem("graphene-c24"))
+    other_spacing = load_problem("tiny-pd2o", **{"grid.spacing": 0.457})
+    with pytest.raises(CheckpointError, match="grid spacing mismatch"):
+        loaded.check_compatible(other_spacing)
+    (tmp_path / "a.safetensors").write_bytes(b"\x80\x04garbage-pickle-like-bytes")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        Agent.load(tmp_path / "a")
+    (tmp_path / "b.json").write_text('{"format": "something-else"}')
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not an asla-agent card"):
+        Agent.load(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="no agent"):
+        Agent.load(tmp_path / "missing")
+
+
+def test_resume_after_interruption_is_bit_for_bit(tmp_path):
+    full = train(tiny_cfg(episodes=48, seed=5), run_dir=tmp_path / "full", progress=False)
+    part = train(tiny_cfg(episodes=48, seed=5, _stop_after_episodes=28), run_dir=tmp_path / "part", progress=False)
+    assert part["episodes"] == 28  # checkpoint at 20, then 8 episodes that the resume must redo
+    resumed = train(None, run_dir=tmp_path / "part", resume=True, progress=False)
+    assert resumed["episodes"] == 48
+    assert resumed["best_energy"] == full["best_energy"]
+    assert resumed["energy_evaluations"] == full["energy_evaluations"]
+    assert resumed["history"] == [dict(h, seconds=r["seconds"]) for h, r in zip(full["history"], resumed["history"])]
+    a, b = Agent.load(tmp_path / "full"), Agent.load(tmp_path / "part")
+    for (k, va), (_, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(va, vb), k
+    from ase.db import connect
+    episodes = [row.episode for row in connect(str(tmp_path / "part" / "evaluations.db")).select()]
+    assert len(episodes) == len(set(episodes)) == resumed["structures_evaluated"]
+
+
+def test_run_dir_holds_tensorboard_tags_and_outputs(tmp_path):
+    train(tiny_cfg(episodes=40), run_dir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for f in ("config.yaml", "problem.yaml", "agent.safetensors", "agent.json", "best.extxyz", "summary.json",
+              "evaluations.db", "checkpoints/latest"):
+        assert (run / f).exists(), f
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("charts/episode_energy", "charts/best_energy", "charts/epsilon", "charts/episodes_per_second",
+                "charts/energy_evaluations", "losses/q_loss", "losses/q_mean"):
+        assert tag in tags["scalars"], tag
+    assert "structures/best" in tags["images"]
+    assert any(t.startswith("q_values/") for t in tags["images"])
+    assert "charts/episode_energies" in tags["histograms"]
+    assert any("hyperparameters" in t for t in tags["tensors"])
+    from ase.io import read
+    best = read(run / "best.extxyz", index=":")
+    energies = [a.get_potential_energy() for a in best]
+    assert energies == sorted(energies)
+
+
+def test_existing_run_dir_is_not_overwritten_and_bad_recipe_is_refused(tmp_path):
+    train(tiny_cfg(episodes=20), run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_cfg(episodes=20), run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="learning.lr_typo"):
+        load_config({"problem": "tiny-pd2o", "learning": {"lr_typo": 1}})
+    with pytest.raises(ConfigError, match="learning.loss"):
+        load_config({"problem": "tiny-pd2o"}, ["learning.loss=l1"])
+
+
+def test_init_from_with_mismatched_species_is_refused(tmp_path):
+    p = load_problem("graphene-c24")
+    Agent.for_problem(p, NetworkConfig(width=8, depth=2, kernel=3)).save(tmp_path / "carbon")
+    with pytest.raises(CheckpointError, match="species mismatch"):
+        train(tiny_cfg(episodes=8), run_dir=tmp_path / "run", init_from=tmp_path / "carbon", progress=False)
+
+
+def test_cli_train_and_build(tmp_path, capsys):
+    from asla.cli import main
+    assert main(["train", "configs/tiny-pd2o.yaml", "--run-dir", str(tmp_path / "r"), "--no-progress",
+                 "--set", "episodes=24", "--set", "network.width=8"]) == 0
+    out = tmp_path / "built.extxyz"
+    assert main(["build", str(tmp_path / "r"), "--episodes", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "energy (eV)" in text and out.exists()
+    assert main(["build", str(tmp_path / "r"), "--problem", "graphene-c24"]) == 2
+    assert "species mismatch" in capsys.readouterr().err
+    assert observation_shape(load_problem("tiny-pd2o"))[0] == Agent.load(tmp_path / "r").in_channels
