@@ -26,8 +26,13 @@ DEFAULTS: dict[str, Any] = {
     "augment": {"exact": True, "arbitrary_rotation": False},
     "checkpoint_every": 200,    # episodes
     "log_images_every": 100,    # episodes
-    "record_evaluations": True, # every evaluated structure into run_dir/evaluations.db
+    "record_evaluations": True, # every evaluated structure into the evaluations database
+    "database": None,           # default run_dir/evaluations.db; any ase.db URL (e.g. postgresql://...)
+    "seed_from_db": None,       # ase.db whose structures enter the replay buffer as demonstrations
     "stop_at_reference": False, # stop once a build reaches the problem's reference energy (on-grid)
+    "executor": "serial",       # serial | process (local pool) | ray (local or cluster)
+    "workers": 1,               # evaluation workers for process/ray
+    "ray_address": None,        # None/local starts Ray here; "auto" or HOST:PORT joins a cluster
     "init_from": None,          # agent to start from (set by --init-from; kept for --resume)
 }
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from asla.builder import decode_action, encode_action, encode_observation
 from asla.errors import CheckpointError, ConfigError
+from asla.executor import make_executor
 from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
 from asla.reward import EnergyEvaluator, RewardScale, rewards
@@ -110,10 +111,17 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
     replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
     evaluator = EnergyEvaluator(problem, failure_dir=run_dir / "failures")
     scale = RewardScale(quantile=learn_cfg["reward_quantile"])
+    executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
     state = TrainState()
+    database = cfg["database"] or str(run_dir / "evaluations.db")
     if resume:
         _load_checkpoint(run_dir, agent, optimizer, replay, evaluator, scale, state, rng)
-        _drop_db_rows_after(run_dir / "evaluations.db", state.episodes)
+        _drop_db_rows_after(database, state.episodes, run_dir.name)
+    elif cfg["seed_from_db"]:
+        demos = demonstrations_from_db(problem, cfg["seed_from_db"])
+        for ep in demos:
+            replay.add(ep)
+        scale.update([ep.energy for ep in demos])
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir), purge_step=state.iterations if resume else None)
@@ -141,11 +149,15 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
 
         t0 = time.perf_counter()
         evaluated = []
+        keys = [build.canonical_key() for build in builds]
+        finished = [i for i, build in enumerate(builds) if build.done]
+        evals = dict(zip(finished, executor.evaluate_many(evaluator, [builds[i].atoms() for i in finished],
+                                                          [keys[i] for i in finished])))
         for builder, build in enumerate(builds):
             episode = state.episodes
-            key = build.canonical_key()
+            key = keys[builder]
             if build.done:
-                ev = evaluator.evaluate(build.atoms(), key=key)
+                ev = evals[builder]
                 energy = ev.energy if ev.ok else float("nan")
                 if ev.atoms is not None and not ev.cached:
                     ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
@@ -170,7 +182,7 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
                     state.found_reference_at = {"episode": state.episodes, "evaluations": evaluator.n_calls}
         scale.update([e.energy for e in replay.recent[-n:]])
         if evaluated and cfg["record_evaluations"]:
-            append_db(run_dir / "evaluations.db", evaluated, run=run_dir.name)
+            append_db(database, evaluated, run=run_dir.name)
         state.timing["calculator"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -222,6 +234,7 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
 
     pbar.close()
     writer.close()
+    executor.close()
     summary = _summary(cfg, problem, state, evaluator)
     write_json(run_dir / "summary.json", summary)
     return summary
@@ -361,15 +374,46 @@ def _load_checkpoint(run_dir: Path, agent: Agent, optimizer, replay: ReplayBuffe
     rng.bit_generator.state = meta["rng"]
 
 
-def _drop_db_rows_after(db_path: Path, episodes: int) -> None:
+def _drop_db_rows_after(database: str, episodes: int, run: str) -> None:
     """Rows written after the checkpoint will be evaluated again on resume: drop them, no duplicates."""
-    if not db_path.exists():
+    if "://" not in database and not Path(database).exists():
         return
     from ase.db import connect
-    with connect(str(db_path)) as db:
-        ids = [row.id for row in db.select(f"episode>={episodes}")]
+    with connect(database) as db:
+        ids = [row.id for row in db.select(f"episode>={episodes}", run=run)]
         if ids:
             db.delete(ids)
+
+
+def demonstrations_from_db(problem, database: str) -> list[Episode]:
+    """Structures from an ase.db as replay episodes: non-template atoms snapped to the grid.
+
+    The order of placement is bottom-up; each demonstration keeps the energy stored in the
+    database (rows without one are skipped). Atoms of species the problem does not place are
+    an error, since they have no channel.
+    """
+    from ase.db import connect
+
+    from asla.builder import encode_action
+    grid, n_template = problem.grid, len(problem.template)
+    out = []
+    for row in connect(str(database)).select():
+        energy = row.get("energy")
+        if energy is None:
+            continue
+        atoms = row.toatoms()[n_template:]
+        order = np.argsort(atoms.positions[:, 2], kind="stable")
+        actions = []
+        for i in order:
+            sym = atoms[i].symbol
+            if sym not in problem.species:
+                raise ConfigError("seed_from_db", f"row {row.id} has {sym}, which is not in the bag {problem.bag}")
+            layer, _ = grid.nearest_layer(atoms.positions[i, 2])
+            k = int(grid.nearest_point(atoms.positions[i][None])[0])
+            actions.append(encode_action(problem, problem.species.index(sym), layer, k))
+        if actions:
+            out.append(Episode(actions, float(energy), (), -1))
+    return out
 
 
 def _summary(cfg: dict, problem, state: TrainState, evaluator: EnergyEvaluator) -> dict:

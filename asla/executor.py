@@ -1,0 +1,208 @@
+"""Where energy evaluations run: in-process, in a local process pool, or on a Ray cluster.
+
+The learner stays in the driver; only finished structures travel to workers, each of which
+keeps a warm calculator for its problem. The cache, the evaluation count and the failure log
+stay in the driver's EnergyEvaluator, so every executor gives the same results in the same
+order as a serial run. A worker that dies has its tasks retried on a fresh one.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import multiprocessing as mp
+from typing import Any, Sequence
+
+from ase import Atoms
+
+from .errors import ConfigError
+from .problem import Problem, load_problem
+from .reward import EnergyEvaluator, Evaluation
+
+log = logging.getLogger(__name__)
+EXECUTORS = ("serial", "process", "ray")
+
+# -- worker side ---------------------------------------------------------------------------------
+_WORKER: EnergyEvaluator | None = None
+
+
+def _init_worker(problem_source: dict) -> None:
+    global _WORKER
+    import os
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER = EnergyEvaluator(load_problem(problem_source), use_cache=False)
+
+
+def _evaluate_in_worker(atoms: Atoms) -> Evaluation:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.evaluate(atoms)
+
+
+# -- driver side ---------------------------------------------------------------------------------
+
+class Executor:
+    """Serial evaluation; the base class the parallel executors share."""
+
+    name = "serial"
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+    def run(self, evaluator: EnergyEvaluator, atoms: Sequence[Atoms]) -> list[Evaluation]:
+        return [evaluator.evaluate(a) for a in atoms]
+
+    def close(self) -> None:
+        pass
+
+    def evaluate_many(self, evaluator: EnergyEvaluator, atoms: Sequence[Atoms],
+                      keys: Sequence[tuple[int, ...] | None]) -> list[Evaluation]:
+        """Evaluate a batch: cache hits and duplicates within the batch are answered without a worker."""
+        results: list[Evaluation | None] = [None] * len(atoms)
+        first_of: dict[Any, int] = {}
+        todo: list[int] = []
+        for i, (a, key) in enumerate(zip(atoms, keys)):
+            if key is not None and evaluator.use_cache and key in evaluator.cache:
+                results[i] = evaluator.evaluate(a, key)
+            elif key is not None and key in first_of:
+                continue  # a duplicate within this batch: answered from the cache below
+            else:
+                if key is not None:
+                    first_of[key] = i
+                todo.append(i)
+        if self.name == "serial":
+            fresh = [evaluator.evaluate(atoms[i], keys[i]) for i in todo]
+        else:
+            fresh = self.run(evaluator, [atoms[i] for i in todo])
+            for i, ev in zip(todo, fresh):
+                _merge_into(evaluator, atoms[i], keys[i], ev)
+        for i, ev in zip(todo, fresh):
+            results[i] = ev
+        for i, key in enumerate(keys):
+            if results[i] is None:
+                results[i] = evaluator.evaluate(atoms[i], key)
+        return results  # type: ignore[return-value]
+
+
+def _merge_into(evaluator: EnergyEvaluator, atoms: Atoms, key, ev: Evaluation) -> None:  # noqa: ANN001
+    """Account a worker's evaluation in the driver: count, cache, failure log."""
+    evaluator.n_calls += ev.n_calls
+    evaluator.n_structures += 1
+    if evaluator.use_cache and key is not None:
+        evaluator.cache[key] = ev.energy if ev.ok else math.nan
+    if not ev.ok:
+        evaluator._record_failure(atoms, ev.error or "unknown failure")  # noqa: SLF001 - same package
+
+
+def _context() -> mp.context.BaseContext:
+    """fork where the platform has it: workers start fast and scripts need no __main__ guard.
+
+    Workers only run calculators, never torch, so forking a process that used torch is safe here.
+    """
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+class ProcessExecutor(Executor):
+    """A local process pool; each worker holds a warm calculator. Dead workers are replaced."""
+
+    name = "process"
+
+    def __init__(self, problem: Problem, workers: int = 2, max_retries: int = 2) -> None:
+        super().__init__(problem)
+        self.workers = int(workers)
+        self.max_retries = max_retries
+        self.pool: cf.ProcessPoolExecutor | None = None
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
+                                               initializer=_init_worker, initargs=(self.problem.to_dict(),))
+        return self.pool
+
+    def run(self, evaluator: EnergyEvaluator, atoms: Sequence[Atoms]) -> list[Evaluation]:
+        results: dict[int, Evaluation] = {}
+        pending = list(range(len(atoms)))
+        for attempt in range(self.max_retries + 1):
+            pool = self._pool()
+            futures = {pool.submit(_evaluate_in_worker, atoms[i]): i for i in pending}
+            broken = False
+            for fut in cf.as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except cf.process.BrokenProcessPool:
+                    broken = True
+            pending = [i for i in pending if i not in results]
+            if not pending:
+                break
+            if broken:
+                log.warning("a worker died; retrying %d evaluation(s) on a fresh pool (attempt %d)",
+                            len(pending), attempt + 1)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+        if pending:
+            raise RuntimeError(f"{len(pending)} evaluation(s) lost: workers kept dying after {self.max_retries} retries")
+        return [results[i] for i in range(len(atoms))]
+
+    def pids(self) -> list[int]:
+        return list(self._pool()._processes) if self.pool else []  # noqa: SLF001
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+class RayExecutor(Executor):
+    """Ray actors holding warm calculators; the same config runs on a laptop or a cluster."""
+
+    name = "ray"
+
+    def __init__(self, problem: Problem, workers: int = 2, address: str | None = None, max_retries: int = 2) -> None:
+        super().__init__(problem)
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor", "'ray' needs Ray: pip install 'asla[distributed]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = max(1, int(workers))
+            ray.init(**kwargs)
+
+        @ray.remote(max_restarts=max_retries, max_task_retries=max_retries)
+        class _Worker:
+            def __init__(self, source: dict) -> None:
+                _init_worker(source)
+
+            def evaluate(self, atoms: Atoms) -> Evaluation:
+                return _evaluate_in_worker(atoms)
+
+            def pid(self) -> int:
+                import os
+                return os.getpid()
+
+        self.actors = [_Worker.remote(problem.to_dict()) for _ in range(int(workers))]
+
+    def run(self, evaluator: EnergyEvaluator, atoms: Sequence[Atoms]) -> list[Evaluation]:
+        refs = [self.actors[i % len(self.actors)].evaluate.remote(a) for i, a in enumerate(atoms)]
+        return list(self.ray.get(refs))
+
+    def pids(self) -> list[int]:
+        return list(self.ray.get([a.pid.remote() for a in self.actors]))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+
+
+def make_executor(problem: Problem, executor: str = "serial", workers: int = 1, ray_address: str | None = None) -> Executor:
+    if executor not in EXECUTORS:
+        raise ConfigError("executor", f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if executor == "process":
+        return ProcessExecutor(problem, workers)
+    if executor == "ray":
+        return RayExecutor(problem, workers, None if ray_address in (None, "local") else ray_address)
+    return Executor(problem)
