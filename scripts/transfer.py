@@ -1,0 +1,220 @@
+"""Transfer learning 3x3 -> 5x5 on the Pd(100) oxide, zero-shot builds, and forced build orders.
+
+1. Train an agent on pd100-oxide-3x3 (the source).
+2. Zero-shot: the source agent's builds on pd100-oxide-5x5 before any 5x5 training.
+3. For each seed, with the same evaluation budget: pd100-oxide-5x5 from scratch, and from the 3x3 agent
+   (--init-from, empty replay, the fine-tune exploration schedule).
+4. Forced sequences: the source agent builds the 3x3 problem choosing the order itself, with all O first,
+   and alternating O/Pd.
+"Found" is the basin criterion (asla.basin.found: relaxed with the problem's calculator, template fixed,
+within 0.05 eV of the reference minimum), checked on every new best structure of a run.
+
+Usage (the command behind docs/transfer.md):
+    python scripts/transfer.py --seeds 5 --source-episodes 3000 --target-episodes 1500
+    python scripts/transfer.py --quick        # smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agents.agent import Agent
+from agents.config import load_config
+from agents.train import train
+from asla import load_problem
+from asla.basin import relaxed_energy
+from asla.builder import atoms_from_actions
+
+
+def first_found(problem, history: list[dict], tol: float = 0.05) -> dict | None:
+    """The first improvement of the best energy whose relaxed structure is the reference minimum."""
+    ref = problem.reference_energy
+    if ref is None:
+        return None
+    for row in history:
+        e = relaxed_energy(problem, atoms_from_actions(problem, row["actions"]))
+        if math.isfinite(e) and e <= ref + tol:
+            return {"episode": row["episode"], "evaluations": row["evaluations"], "relaxed_energy": e}
+    return None
+
+
+def run(recipe: str, problem_name: str, run_dir: Path, seed: int, episodes: int, init_from: str | None = None,
+        extra: list[str] | None = None) -> dict:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_config(recipe, [f"seed={seed}", f"episodes={episodes}", f"problem={problem_name}",
+                               "log_images_every=1000000", *(extra or [])])
+    t0 = time.perf_counter()
+    summary = train(cfg, run_dir=run_dir, init_from=init_from, progress=False)
+    problem = load_problem(problem_name)
+    found = first_found(problem, summary["history"])
+    best_relaxed = relaxed_energy(problem, atoms_from_actions(problem, summary["best_actions"])) \
+        if summary["best_actions"] else float("nan")
+    return {"seed": seed, "episodes": summary["episodes"], "evaluations": summary["energy_evaluations"],
+            "best_energy": summary["best_energy"], "best_relaxed": best_relaxed, "found": found,
+            "wall_seconds": time.perf_counter() - t0, "episodes_per_second": summary["episodes_per_second"]}
+
+
+def build_report(agent: Agent, problem, n: int, epsilon: float, seed: int) -> list[dict]:
+    out = []
+    for r in agent.build(problem, n=n, greedy=epsilon == 0, epsilon=epsilon, seed=seed):
+        rel = relaxed_energy(problem, r.atoms) if r.ok else float("nan")
+        out.append({"energy": r.energy, "relaxed": rel, "ok": r.ok,
+                    "found": bool(problem.reference_energy is not None and rel <= problem.reference_energy + 0.05)})
+    return out
+
+
+def success_curve(results: list[dict], budget: int) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.arange(0, budget + 1)
+    hits = [r["found"]["evaluations"] for r in results if r["found"]]
+    ys = np.array([sum(h <= x for h in hits) / max(1, len(results)) for x in xs])
+    return xs, ys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default="pd100-oxide-3x3")
+    ap.add_argument("--target", default="pd100-oxide-5x5")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--source-episodes", type=int, default=3000)
+    ap.add_argument("--target-episodes", type=int, default=1500)
+    ap.add_argument("--zero-shot", type=int, default=10, help="epsilon=0.1 builds for the zero-shot result")
+    ap.add_argument("--runs", default="runs/transfer")
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--ship", action="store_true", help="copy the source and best fine-tuned agent to agents/pretrained/")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.source_episodes, args.target_episodes, args.zero_shot = 1, 16, 8, 2
+    runs, out = Path(args.runs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source_recipe, target_recipe = f"configs/{args.source}.yaml", f"configs/{args.target}.yaml"
+    source_p, target_p = load_problem(args.source), load_problem(args.target)
+    report: dict = {"command": "python scripts/transfer.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
+                    "source": args.source, "target": args.target, "target_reference": target_p.reference_energy}
+
+    print(f"[1/4] training the source agent on {args.source} ({args.source_episodes} episodes)", flush=True)
+    report["source_run"] = run(source_recipe, args.source, runs / "source", 0, args.source_episodes)
+    source_agent = runs / "source" / "agent"
+
+    print("[2/4] zero-shot builds on the target", flush=True)
+    agent = Agent.load(source_agent)
+    report["zero_shot"] = {"greedy": build_report(agent, target_p, 1, 0.0, 0),
+                           "epsilon_0.1": build_report(agent, target_p, args.zero_shot, 0.1, 0)}
+
+    print(f"[3/4] {args.target}: {args.seeds} seeds from scratch and from the {args.source} agent", flush=True)
+    report["scratch"], report["transfer"] = [], []
+    for seed in range(args.seeds):
+        report["scratch"].append(run(target_recipe, args.target, runs / f"scratch-s{seed}", seed, args.target_episodes))
+        report["transfer"].append(run(target_recipe, args.target, runs / f"transfer-s{seed}", seed,
+                                      args.target_episodes, init_from=str(source_agent)))
+        print(f"  seed {seed}: scratch {report['scratch'][-1]['found']}, transfer {report['transfer'][-1]['found']}",
+              flush=True)
+
+    print("[4/4] forced build orders on the source problem", flush=True)
+    n_o, n_pd = source_p.bag.get("O", 0), source_p.bag.get("Pd", 0)
+    alternating = []
+    for i in range(max(n_o, n_pd)):
+        alternating += (["O"] if i < n_o else []) + (["Pd"] if i < n_pd else [])
+    orders = {"agent chooses": None, "all O first": ["O"] * n_o + ["Pd"] * n_pd, "alternating O/Pd": alternating}
+    report["forced"] = {}
+    for label, seq in orders.items():
+        p = load_problem(args.source, sequence=seq) if seq else source_p
+        report["forced"][label] = build_report(agent, p, 1, 0.0, 0)[0]
+
+    (out / "transfer.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    budget = max(r["evaluations"] for r in report["scratch"] + report["transfer"])
+    _plot(report, budget, out / "transfer.png")
+    _pictures(runs, target_p, report, out)
+    _markdown(report, budget, out / "transfer.md")
+    if args.ship and not args.quick:
+        dest = Path(__file__).resolve().parents[1] / "agents" / "pretrained"
+        for name, src in ((args.source, source_agent), (args.target, _best_transfer_agent(runs, report))):
+            if src is not None:
+                for suffix in (".safetensors", ".json"):
+                    shutil.copyfile(Path(str(src) + suffix), dest / f"{name}{suffix}")
+        print(f"shipped agents to {dest}")
+
+
+def _best_transfer_agent(runs: Path, report: dict) -> Path | None:
+    rows = [(r["found"]["evaluations"] if r["found"] else math.inf, r["best_relaxed"], r["seed"]) for r in report["transfer"]]
+    if not rows:
+        return None
+    seed = min(rows)[2]
+    return runs / f"transfer-s{seed}" / "agent"
+
+
+def _plot(report: dict, budget: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("scratch", "from scratch"), ("transfer", f"from the {report['source']} agent")):
+        xs, ys = success_curve(report[key], budget)
+        ax.step(xs, ys, where="post", label=label)
+    ax.set_xlabel(f"energy evaluations on {report['target']}")
+    ax.set_ylabel("fraction of seeds at the reference minimum")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pictures(runs: Path, problem, report: dict, out: Path) -> None:
+    from PIL import Image
+
+    from asla.render import render_atoms
+    for key in ("scratch", "transfer"):
+        best = min(report[key], key=lambda r: r["best_relaxed"] if math.isfinite(r["best_relaxed"]) else math.inf)
+        summary = json.loads((runs / f"{key}-s{best['seed']}" / "summary.json").read_text())
+        atoms = atoms_from_actions(problem, summary["best_actions"])
+        Image.fromarray(render_atoms(atoms, n_template=len(problem.template))).save(out / f"transfer-{key}-best.png")
+
+
+def _markdown(report: dict, budget: int, path: Path) -> None:
+    ref = report["target_reference"]
+
+    def found_line(rows: list[dict]) -> str:
+        hits = sorted(r["found"]["evaluations"] for r in rows if r["found"])
+        med = f"{np.median(hits):.0f}" if hits else "-"
+        return f"{len(hits)}/{len(rows)} | {med} | " + ", ".join(map(str, hits))
+
+    lines = [f"# Transfer learning: {report['source']} -> {report['target']}", "",
+             f"Command: `{report['command']}` (Python {report['python']}, 2 vCPUs, no GPU).", "",
+             f"Reference minimum of {report['target']}: {ref} eV (relaxed; see docs/reference-minima.md).",
+             "Found = basin criterion: the best structure so far, relaxed with EMT (template fixed, not counted), within "
+             "0.05 eV of the reference.", "",
+             f"Source agent: {report['source_run']['episodes']} episodes, {report['source_run']['evaluations']} evaluations, "
+             f"found the {report['source']} minimum: {bool(report['source_run']['found'])}.", "",
+             "| run | seeds at the minimum | median evaluations to find | evaluations when found |", "|---|---|---|---|",
+             f"| from scratch | {found_line(report['scratch'])} |", f"| from the 3x3 agent | {found_line(report['transfer'])} |", "",
+             "![success curves](transfer.png)", "",
+             "| seed | scratch best (relaxed) | transfer best (relaxed) | scratch evals | transfer evals |", "|---|---|---|---|---|"]
+    for s, t in zip(report["scratch"], report["transfer"]):
+        lines.append(f"| {s['seed']} | {s['best_relaxed']:.3f} | {t['best_relaxed']:.3f} | {s['evaluations']} | {t['evaluations']} |")
+    zs = report["zero_shot"]
+    lines += ["", "## Zero-shot", "", f"Greedy build of the 3x3 agent on 5x5 before any 5x5 training: energy "
+              f"{zs['greedy'][0]['energy']:.3f} eV, relaxed {zs['greedy'][0]['relaxed']:.3f} eV "
+              f"(reference {ref} eV). With epsilon 0.1, {sum(r['found'] for r in zs['epsilon_0.1'])}/"
+              f"{len(zs['epsilon_0.1'])} builds reach the minimum; best relaxed "
+              f"{min(r['relaxed'] for r in zs['epsilon_0.1']):.3f} eV.", "",
+             "## Forced build orders (3x3 agent on its own problem, greedy)", "",
+             "| order | energy (eV) | relaxed (eV) | at the minimum |", "|---|---|---|---|"]
+    for label, r in report["forced"].items():
+        lines.append(f"| {label} | {r['energy']:.3f} | {r['relaxed']:.3f} | {r['found']} |")
+    lines += ["", "Best structures (top view, template paler): from scratch ![](transfer-scratch-best.png) "
+              "and transferred ![](transfer-transfer-best.png)"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
