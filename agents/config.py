@@ -15,7 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "episodes": 1000,
     "n_builders": 4,            # builds per iteration, forward passes batched
     "device": None,             # cuda when available, else cpu
-    "torch_threads": 1,         # one core of real throughput on 2 vCPUs: more threads only contend
+    "torch_threads": 2,         # measured: 1.5-2x faster training steps than 1 thread on 2 vCPUs (calculators stay at 1)
     "run_dir": None,            # default runs/<recipe>-s<seed>
     "network": {"width": 32, "depth": 4, "kernel": 5, "dilation": 1, "global_branch": True},
     "epsilon": {"start": 0.5, "end": 0.05, "decay_episodes": 500},

@@ -138,103 +138,104 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
     t_start = time.perf_counter() - state.seconds
 
     # ---- main loop -------------------------------------------------------------------------
-    while state.episodes < cfg["episodes"]:
-        t_iter = time.perf_counter()
-        epsilon = epsilon_at(eps_schedule, state.episodes)
-        n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
+    try:
+        while state.episodes < cfg["episodes"]:
+            t_iter = time.perf_counter()
+            epsilon = epsilon_at(eps_schedule, state.episodes)
+            n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
 
-        t0 = time.perf_counter()
-        builds = agent.rollout(problem, n, epsilon, rng)
-        state.timing["rollout"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        evaluated = []
-        keys = [build.canonical_key() for build in builds]
-        finished = [i for i, build in enumerate(builds) if build.done]
-        evals = dict(zip(finished, executor.evaluate_many(evaluator, [builds[i].atoms() for i in finished],
-                                                          [keys[i] for i in finished])))
-        for builder, build in enumerate(builds):
-            episode = state.episodes
-            key = keys[builder]
-            if build.done:
-                ev = evals[builder]
-                energy = ev.energy if ev.ok else float("nan")
-                if ev.atoms is not None and not ev.cached:
-                    ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
-                                          "seconds": ev.seconds, "n_calls": ev.n_calls})
-                    evaluated.append(ev.atoms)
-            else:
-                energy = float("nan")
-                state.dead_ends += 1
-            replay.add(Episode(list(build.actions), energy, key, episode))
-            state.episodes += 1
-            if math.isfinite(energy):
-                recent_energies.append(energy)
-                writer.add_scalar("charts/episode_energy", energy, state.episodes)
-                if energy < state.best_energy - 1e-9:
-                    state.best_energy = energy
-                    state.best_actions = list(build.actions)
-                    state.history.append({"episode": state.episodes, "evaluations": evaluator.n_calls,
-                                          "energy": energy, "actions": list(build.actions),
-                                          "seconds": time.perf_counter() - t_start})
-                    _write_best(run_dir, problem, replay)
-                if on_grid_reference and state.found_reference_at is None and energy <= ref + ref_tol:
-                    state.found_reference_at = {"episode": state.episodes, "evaluations": evaluator.n_calls}
-        scale.update([e.energy for e in replay.recent[-n:]])
-        if evaluated and cfg["record_evaluations"]:
-            append_db(database, evaluated, run=run_dir.name)
-        state.timing["calculator"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        losses, qs = [], []
-        if state.episodes >= learn_cfg["warmup_episodes"]:
-            for _ in range(learn_cfg["grad_steps_per_episode"] * n):
-                loss, qmean = _learn_step(agent, optimizer, problem, replay, scale, rng, learn_cfg, aug_cfg)
-                losses.append(loss)
-                qs.append(qmean)
-        state.timing["learn"] += time.perf_counter() - t0
-
-        # ---- logging ------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        state.iterations += 1
-        dt = time.perf_counter() - t_iter
-        step = state.episodes
-        writer.add_scalar("charts/epsilon", epsilon, step)
-        writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
-        writer.add_scalar("charts/energy_evaluations", evaluator.n_calls, step)
-        if math.isfinite(state.best_energy):
-            writer.add_scalar("charts/best_energy", state.best_energy, step)
-            if ref is not None:
-                writer.add_scalar("charts/best_energy_relative", state.best_energy - ref, step)
-        writer.add_scalar("charts/dead_ends", state.dead_ends, step)
-        writer.add_scalar("charts/failed_evaluations", len(evaluator.failures), step)
-        if losses:
-            writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
-            writer.add_scalar("losses/q_mean", float(np.mean(qs)), step)
-        if step >= next_images:
-            next_images = step + cfg["log_images_every"]
-            _log_images(writer, agent, problem, state, recent_energies, step)
-            recent_energies = []
-        pbar.update(n)
-        pbar.set_postfix(best=f"{state.best_energy:.3f}", eps=f"{epsilon:.2f}", evals=evaluator.n_calls)
-        state.timing["logging"] += time.perf_counter() - t0
-
-        state.seconds = time.perf_counter() - t_start
-        if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"]:
             t0 = time.perf_counter()
-            next_checkpoint += cfg["checkpoint_every"]
-            _save_checkpoint(run_dir, cfg, agent, optimizer, replay, evaluator, scale, state, rng)
-            writer.flush()
-            state.timing["checkpoint"] += time.perf_counter() - t0
-        if cfg["stop_at_reference"] and state.found_reference_at is not None:
-            _save_checkpoint(run_dir, cfg, agent, optimizer, replay, evaluator, scale, state, rng)
-            break
-        if cfg.get("_stop_after_episodes") and state.episodes >= cfg["_stop_after_episodes"]:
-            break  # for tests of kill-and-resume
+            builds = agent.rollout(problem, n, epsilon, rng)
+            state.timing["rollout"] += time.perf_counter() - t0
 
-    pbar.close()
-    writer.close()
-    executor.close()
+            t0 = time.perf_counter()
+            evaluated = []
+            keys = [build.canonical_key() for build in builds]
+            finished = [i for i, build in enumerate(builds) if build.done]
+            evals = dict(zip(finished, executor.evaluate_many(evaluator, [builds[i].atoms() for i in finished],
+                                                              [keys[i] for i in finished])))
+            for builder, build in enumerate(builds):
+                episode = state.episodes
+                key = keys[builder]
+                if build.done:
+                    ev = evals[builder]
+                    energy = ev.energy if ev.ok else float("nan")
+                    if ev.atoms is not None and not ev.cached:
+                        ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
+                                              "seconds": ev.seconds, "n_calls": ev.n_calls})
+                        evaluated.append(ev.atoms)
+                else:
+                    energy = float("nan")
+                    state.dead_ends += 1
+                replay.add(Episode(list(build.actions), energy, key, episode))
+                state.episodes += 1
+                if math.isfinite(energy):
+                    recent_energies.append(energy)
+                    writer.add_scalar("charts/episode_energy", energy, state.episodes)
+                    if energy < state.best_energy - 1e-9:
+                        state.best_energy = energy
+                        state.best_actions = list(build.actions)
+                        state.history.append({"episode": state.episodes, "evaluations": evaluator.n_calls,
+                                              "energy": energy, "actions": list(build.actions),
+                                              "seconds": time.perf_counter() - t_start})
+                        _write_best(run_dir, problem, replay)
+                    if on_grid_reference and state.found_reference_at is None and energy <= ref + ref_tol:
+                        state.found_reference_at = {"episode": state.episodes, "evaluations": evaluator.n_calls}
+            scale.update([e.energy for e in replay.recent[-n:]])
+            if evaluated and cfg["record_evaluations"]:
+                append_db(database, evaluated, run=run_dir.name)
+            state.timing["calculator"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            losses, qs = [], []
+            if state.episodes >= learn_cfg["warmup_episodes"]:
+                for _ in range(learn_cfg["grad_steps_per_episode"] * n):
+                    loss, qmean = _learn_step(agent, optimizer, problem, replay, scale, rng, learn_cfg, aug_cfg)
+                    losses.append(loss)
+                    qs.append(qmean)
+            state.timing["learn"] += time.perf_counter() - t0
+
+            # ---- logging ------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            state.iterations += 1
+            dt = time.perf_counter() - t_iter
+            step = state.episodes
+            writer.add_scalar("charts/epsilon", epsilon, step)
+            writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
+            writer.add_scalar("charts/energy_evaluations", evaluator.n_calls, step)
+            if math.isfinite(state.best_energy):
+                writer.add_scalar("charts/best_energy", state.best_energy, step)
+                if ref is not None:
+                    writer.add_scalar("charts/best_energy_relative", state.best_energy - ref, step)
+            writer.add_scalar("charts/dead_ends", state.dead_ends, step)
+            writer.add_scalar("charts/failed_evaluations", len(evaluator.failures), step)
+            if losses:
+                writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
+                writer.add_scalar("losses/q_mean", float(np.mean(qs)), step)
+            if step >= next_images:
+                next_images = step + cfg["log_images_every"]
+                _log_images(writer, agent, problem, state, recent_energies, step)
+                recent_energies = []
+            pbar.update(n)
+            pbar.set_postfix(best=f"{state.best_energy:.3f}", eps=f"{epsilon:.2f}", evals=evaluator.n_calls)
+            state.timing["logging"] += time.perf_counter() - t0
+
+            state.seconds = time.perf_counter() - t_start
+            if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"]:
+                t0 = time.perf_counter()
+                next_checkpoint += cfg["checkpoint_every"]
+                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng)
+                writer.flush()
+                state.timing["checkpoint"] += time.perf_counter() - t0
+            if cfg["stop_at_reference"] and state.found_reference_at is not None:
+                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng)
+                break
+            if cfg.get("_stop_after_episodes") and state.episodes >= cfg["_stop_after_episodes"]:
+                break  # for tests of kill-and-resume
+    finally:
+        pbar.close()
+        writer.close()
+        executor.close()
     summary = _summary(cfg, problem, state, evaluator)
     write_json(run_dir / "summary.json", summary)
     return summary
@@ -308,7 +309,7 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
 
 
-def _save_checkpoint(run_dir: Path, cfg: dict, agent: Agent, optimizer, replay: ReplayBuffer,
+def _save_checkpoint(run_dir: Path, cfg: dict, problem, agent: Agent, optimizer, replay: ReplayBuffer,
                      evaluator: EnergyEvaluator, scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
     """Write everything into a fresh directory, then move the 'latest' pointer atomically."""
     ckdir = run_dir / "checkpoints"
@@ -339,12 +340,9 @@ def _save_checkpoint(run_dir: Path, cfg: dict, agent: Agent, optimizer, replay: 
     for f in ("agent.safetensors", "agent.json"):
         shutil.copyfile(target / f, run_dir / f".{f}.tmp")
         (run_dir / f".{f}.tmp").replace(run_dir / f)
-    for old in sorted(ckdir.glob("ckpt-*")):
-        if old.name != name and old.name < name:
-            keep = sorted(ckdir.glob("ckpt-*"))[-2:]
-            if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
-    write_json(run_dir / "summary.json", _summary(cfg, load_problem(cfg["problem"]), state, evaluator))
+    for old in sorted(ckdir.glob("ckpt-*"))[:-2]:  # keep the newest two
+        shutil.rmtree(old, ignore_errors=True)
+    write_json(run_dir / "summary.json", _summary(cfg, problem, state, evaluator))
 
 
 def _load_checkpoint(run_dir: Path, agent: Agent, optimizer, replay: ReplayBuffer, evaluator: EnergyEvaluator,
