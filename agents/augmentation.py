@@ -31,14 +31,17 @@ def arbitrary_rotation(group: SymmetryGroup, rng: np.random.Generator, points: l
     pts, acts = exact(group, rng, points, action_points)
     out_p, out_a = [], []
     for p, a in zip(pts, acts):
-        theta = rng.uniform(0, 2 * np.pi)
-        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        centre = grid.positions[0, rng.integers(grid.n_points), :2]
-        allp = np.concatenate([p, [a]]).astype(int)
-        xy = grid.positions[0, allp, :2] - centre
-        xyz = np.zeros((len(allp), 3))
-        xyz[:, :2] = xy @ rot.T + centre
-        snapped = grid.nearest_point(xyz)
+        snapped = rotate_points(grid, np.concatenate([p, [a]]).astype(int), rng.uniform(0, 2 * np.pi),
+                                int(rng.integers(grid.n_points)))
         out_p.append(snapped[:-1])
         out_a.append(snapped[-1])
     return out_p, np.array(out_a)
+
+
+def rotate_points(grid, points: np.ndarray, theta: float, centre: int) -> np.ndarray:  # noqa: ANN001
+    """Grid points rotated by theta (radians) about grid point `centre`, snapped to the nearest point."""
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    c = grid.positions[0, centre, :2]
+    xyz = np.zeros((len(points), 3))
+    xyz[:, :2] = (grid.positions[0, points, :2] - c) @ rot.T + c
+    return grid.nearest_point(xyz)

@@ -179,3 +179,32 @@ def test_cli_train_and_build(tmp_path, capsys):
     assert main(["build", str(tmp_path / "r"), "--problem", "graphene-c24"]) == 2
     assert "species mismatch" in capsys.readouterr().err
     assert observation_shape(load_problem("tiny-pd2o"))[0] == Agent.load(tmp_path / "r").in_channels
+
+
+def test_arbitrary_rotation_option_regrids_onto_the_grid_and_trains(tmp_path):
+    problem = load_problem("graphene-c24")
+    rng = np.random.default_rng(0)
+    state = random_build(problem, rng)
+    pts = [np.array(state.points[:10])]
+    new_pts, new_act = augmentation.arbitrary_rotation(problem.symmetry, rng, pts, np.array([state.points[10]]))
+    assert len(new_pts[0]) == 10 and 0 <= new_act[0] < problem.grid.n_points
+    assert np.all((0 <= new_pts[0]) & (new_pts[0] < problem.grid.n_points))
+    # a 60 degree rotation about a grid point is exact on the hexagonal grid: distances are preserved
+    grid = problem.grid
+    rotated = augmentation.rotate_points(grid, pts[0], np.pi / 3, int(pts[0][0]))
+    d0 = grid.min_image_distances(grid.positions[0, pts[0]], grid.positions[0, pts[0]])
+    d1 = grid.min_image_distances(grid.positions[0, rotated], grid.positions[0, rotated])
+    assert np.allclose(d0, d1, atol=1e-6)
+    # any other angle snaps each atom to within half the longer pixel diagonal of its exactly rotated position
+    theta, centre = 0.4, int(pts[0][3])
+    snapped = augmentation.rotate_points(grid, pts[0], theta, centre)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    c = grid.positions[0, centre, :2]
+    exact_xy = (grid.positions[0, pts[0], :2] - c) @ rot.T + c
+    exact_xyz = np.column_stack([exact_xy, np.full(len(exact_xy), grid.layer_z[0])])
+    err = [grid.min_image_distances(grid.positions[0, [k]], x[None])[0, 0] for k, x in zip(snapped, exact_xyz)]
+    half_diagonal = max(np.linalg.norm(grid.pixel[0] + grid.pixel[1]), np.linalg.norm(grid.pixel[0] - grid.pixel[1])) / 2
+    assert 0 < max(err) <= half_diagonal + 1e-9
+    summary = train(tiny_cfg(episodes=12, augment={"exact": True, "arbitrary_rotation": True}),
+                    run_dir=tmp_path / "rot", progress=False)
+    assert summary["episodes"] == 12
