@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "network": {"width": 32, "depth": 4, "kernel": 5, "dilation": 1, "global_branch": True},
     "epsilon": {"start": 0.5, "end": 0.05, "decay_episodes": 500},
     "fine_tune_epsilon": {"start": 0.2, "end": 0.05, "decay_episodes": 200},   # used with --init-from
-    "learning": {"lr": 1.0e-3, "batch_size": 64, "grad_steps_per_episode": 1, "loss": "huber",
+    "learning": {"target": "mc", "lr": 1.0e-3, "batch_size": 64, "grad_steps_per_episode": 1, "loss": "huber",
                  "replay_capacity": 2000, "n_best": 20, "best_fraction": 0.25, "reward_quantile": 0.9, "weight_decay": 0.0,
                  "warmup_episodes": 16},
     "augment": {"exact": True, "arbitrary_rotation": False},
@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,          # agent to start from (set by --init-from; kept for --resume)
 }
 
-CHOICES = {"learning.loss": ("huber", "mse")}
+CHOICES = {"learning.loss": ("huber", "mse"), "learning.target": ("mc", "max")}
 
 
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:

@@ -27,17 +27,34 @@ class Episode:
         return cls(list(row[0]), float("nan") if row[1] is None else float(row[1]), tuple(row[2]), int(row[3]))
 
 
+def prefix_key(actions: list[int], t: int) -> int:
+    """Order-free identity of the partial structure after t placements (deterministic across runs)."""
+    return hash(tuple(sorted(actions[:t])))
+
+
 class ReplayBuffer:
+    """Recent and best episodes, plus the lowest energy ever reached through each partial structure.
+
+    Builds are deterministic, so the value of placing an atom is the best energy any completion of
+    the resulting partial structure has reached; ``prefix_best`` keeps that for the ``max`` target.
+    """
+
     def __init__(self, capacity: int = 2000, n_best: int = 20) -> None:
         self.capacity = capacity
         self.n_best = n_best
         self.recent: list[Episode] = []
         self.best: list[Episode] = []
+        self.prefix_best: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.recent) + len(self.best)
 
     def add(self, ep: Episode) -> None:
+        if math.isfinite(ep.energy):
+            for t in range(1, len(ep.actions) + 1):
+                k = prefix_key(ep.actions, t)
+                if ep.energy < self.prefix_best.get(k, math.inf):
+                    self.prefix_best[k] = ep.energy
         self.recent.append(ep)
         if len(self.recent) > self.capacity:
             del self.recent[: len(self.recent) - self.capacity]
@@ -61,11 +78,18 @@ class ReplayBuffer:
         picks += [self.best[i] for i in rng.integers(len(self.best), size=n_best)]
         return [(ep, int(rng.integers(len(ep.actions)))) for ep in picks if ep.actions]
 
+    def target_energy(self, ep: Episode, t: int, kind: str = "mc") -> float:
+        """Energy behind the Q-target of step t: the episode's own (mc) or the best through its prefix (max)."""
+        if kind == "max":  # a dead end still teaches its prefix whatever completions elsewhere reached
+            return self.prefix_best.get(prefix_key(ep.actions, t + 1), ep.energy)
+        return ep.energy
+
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "n_best": self.n_best, "recent": [e.to_json() for e in self.recent],
-                "best": [e.to_json() for e in self.best]}
+                "best": [e.to_json() for e in self.best], "prefix_best": list(self.prefix_best.items())}
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.n_best = int(state["capacity"]), int(state["n_best"])
         self.recent = [Episode.from_json(r) for r in state["recent"]]
         self.best = [Episode.from_json(r) for r in state["best"]]
+        self.prefix_best = {int(k): float(v) for k, v in state.get("prefix_best", [])}

@@ -247,7 +247,7 @@ def _learn_step(agent: Agent, optimizer: torch.optim.Optimizer, problem, replay:
                 scale: RewardScale, rng: np.random.Generator, learn_cfg: dict, aug_cfg: dict) -> tuple[float, float]:
     samples = replay.sample(rng, learn_cfg["batch_size"], learn_cfg["best_fraction"])
     low, high = scale.bounds()
-    targets = rewards(np.array([ep.energy for ep, _ in samples]), low, high)
+    targets = rewards(np.array([replay.target_energy(ep, t, learn_cfg["target"]) for ep, t in samples]), low, high)
     L, N = problem.grid.n_layers, problem.grid.n_points
     species, layers, points, a_species, a_layers, a_points = [], [], [], [], [], []
     for ep, t in samples:
