@@ -19,7 +19,7 @@ _SHIFTS = np.array([(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)], dtype=f
 class Grid:
     """Pixel grid over the periodic in-plane cell, at one or more heights (layers)."""
 
-    def __init__(self, cell: np.ndarray, shape: tuple[int, int], layer_z: list[float]) -> None:
+    def __init__(self, cell: np.ndarray, shape: tuple[int, int], layer_z: list[float], periodic: bool = True) -> None:
         cell = np.asarray(cell, dtype=float)
         if cell.shape != (3, 3):
             raise ProblemError("cell", f"must be a 3x3 matrix, got shape {cell.shape}")
@@ -28,6 +28,7 @@ class Grid:
         if abs(np.linalg.det(cell)) < 1e-6:
             raise ProblemError("cell", "cell vectors are linearly dependent (zero volume)")
         self.cell = cell
+        self.periodic = bool(periodic)
         self.shape = (int(shape[0]), int(shape[1]))
         self.na, self.nb = self.shape
         if self.na < 2 or self.nb < 2:
@@ -83,6 +84,8 @@ class Grid:
         """
         xyz = np.atleast_2d(xyz)
         d = points[:, None, :] - xyz[None, :, :]  # (P, A, 3)
+        if not self.periodic:
+            return np.sqrt((d**2).sum(-1))
         frac = d[..., :2] @ self.ab_inv
         frac -= np.rint(frac)
         best = None
@@ -172,6 +175,18 @@ def symmetry_group(grid: Grid, template_numbers: np.ndarray, template_positions:
     n_shape = np.array([grid.na, grid.nb])
     all_t = grid.ij.copy()
     kept_m, kept_t = [], []
+    if not grid.periodic:
+        # no translations; rotations/mirrors about the centre pixel that keep every grid point in the box
+        centre = (n_shape - 1) // 2
+        for m in matrices:
+            t = centre - m @ centre
+            q = grid.ij @ m.T + t
+            if np.all((q >= 0) & (q < n_shape)) and len(template_numbers) == 0:
+                kept_m.append(m)
+                kept_t.append(np.array([t], dtype=int))
+        if not kept_m:
+            kept_m, kept_t = [np.eye(2, dtype=int)], [np.zeros((1, 2), dtype=int)]
+        return SymmetryGroup(grid, np.array(kept_m), kept_t)
     if len(template_numbers) == 0:
         for m in matrices:
             kept_m.append(m)

@@ -281,8 +281,9 @@ def problem_from_dict(data: dict) -> Problem:
     if len(template) and (template.cell.rank == 0):
         template.set_cell(cell)
     pbc = tuple(bool(x) for x in data.get("pbc", [True, True, False]))
-    if len(pbc) != 3 or not (pbc[0] and pbc[1]):
-        raise ProblemError("pbc", f"the cell must be periodic along a and b, e.g. [true, true, false]; got {data.get('pbc')}")
+    if len(pbc) != 3 or pbc[0] != pbc[1] or pbc[2] and not pbc[0]:
+        raise ProblemError("pbc", "allowed: [true, true, false] (surface or sheet), [true, true, true] or "
+                           f"[false, false, false] (a molecule built in a plane in vacuum); got {data.get('pbc')}")
     template.set_cell(cell)
     template.set_pbc(pbc)
     template.info = {}  # ase.build's adsorbate_info cannot go into extxyz/ase.db
@@ -320,7 +321,7 @@ def problem_from_dict(data: dict) -> Problem:
             raise ProblemError("grid.divisions", f"must be two positive integers, got {div!r}")
         lengths = np.linalg.norm(cell[:2, :2], axis=1)
         shape = [int(d * max(1, round(L / d / spacing))) for L, d in zip(lengths, div)]
-    grid = Grid(cell, tuple(shape), layer_z)
+    grid = Grid(cell, tuple(shape), layer_z, periodic=pbc[0])
 
     rules_spec = data.get("rules", {})
     _check_keys("rules", rules_spec, {"c_min", "c_max"})

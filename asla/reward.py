@@ -40,6 +40,29 @@ class Evaluation:
     atoms: Atoms | None = field(default=None, repr=False)
 
 
+class KeepInRegion:
+    """ASE constraint: placed atoms stay within [zmin, zmax] while relaxing (no desorption into vacuum)."""
+
+    def __init__(self, indices, zmin: float, zmax: float) -> None:  # noqa: ANN001
+        self.index = np.asarray(list(indices), dtype=int)
+        self.zmin, self.zmax = zmin, zmax
+
+    def adjust_positions(self, atoms: Atoms, new: np.ndarray) -> None:
+        new[self.index, 2] = np.clip(new[self.index, 2], self.zmin, self.zmax)
+
+    def adjust_forces(self, atoms: Atoms, forces: np.ndarray) -> None:
+        z = atoms.positions[self.index, 2]
+        f = forces[self.index, 2]
+        blocked = ((z <= self.zmin + 1e-9) & (f < 0)) | ((z >= self.zmax - 1e-9) & (f > 0))
+        forces[self.index[blocked], 2] = 0.0
+
+    def get_removed_dof(self, atoms: Atoms) -> int:
+        return 0
+
+    def todict(self) -> dict:
+        return {"name": "KeepInRegion", "kwargs": {"indices": self.index.tolist(), "zmin": self.zmin, "zmax": self.zmax}}
+
+
 class _Timeout(Exception):
     pass
 
@@ -131,7 +154,9 @@ class EnergyEvaluator:
             relax = self.problem.relax
             if relax.steps > 0:
                 n_template = len(self.problem.template)
-                work.set_constraint(FixAtoms(indices=range(n_template)))
+                zs = self.problem.grid.layer_z
+                work.set_constraint([FixAtoms(indices=range(n_template)),
+                                     KeepInRegion(range(n_template, len(work)), min(zs) - 1.0, max(zs) + 1.0)])
                 from ase import optimize
                 opt = getattr(optimize, relax.optimizer)(work, logfile=None)
                 opt.run(fmax=relax.fmax, steps=relax.steps)

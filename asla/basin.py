@@ -1,0 +1,56 @@
+"""The basin criterion: a candidate has found the global minimum if it relaxes into its basin.
+
+A grid-built structure is never exactly relaxed, so comparing its single-point energy with a
+relaxed reference would be unfair to a grid method. Every method's candidates are therefore
+relaxed with the problem's calculator (template fixed; an offline check, not counted as search
+evaluations) and compared with the reference within a tolerance (0.05 eV by default).
+"""
+from __future__ import annotations
+
+import math
+
+from ase import Atoms
+from ase.constraints import FixAtoms
+
+from .calculators import make_calculator
+from .problem import Problem
+
+
+def relax(problem: Problem, atoms: Atoms, fmax: float = 0.05, steps: int = 1000) -> Atoms:
+    """Local relaxation (BFGS) with the template fixed; energy in info['relaxed_energy'] (nan on failure)."""
+    work = atoms.copy()
+    work.set_constraint(FixAtoms(indices=range(len(problem.template))))
+    work.calc = make_calculator(problem.calculator)
+    try:
+        from ase.optimize import BFGS
+        BFGS(work, logfile=None).run(fmax=fmax, steps=steps)
+        work.info["relaxed_energy"] = float(work.get_potential_energy())
+    except Exception:  # noqa: BLE001 - a failed relaxation just does not count as found
+        work.info["relaxed_energy"] = math.nan
+    return work
+
+
+def relaxed_energy(problem: Problem, atoms: Atoms, **kwargs) -> float:  # noqa: ANN003
+    return float(relax(problem, atoms, **kwargs).info["relaxed_energy"])
+
+
+def found(problem: Problem, atoms: Atoms, tol: float = 0.05) -> bool:
+    """True if `atoms` relaxes to within `tol` eV of the problem's reference minimum."""
+    ref = problem.reference_energy
+    if ref is None:
+        return False
+    e = relaxed_energy(problem, atoms)
+    return math.isfinite(e) and e <= ref + tol
+
+
+def first_found(problem: Problem, history: list[dict], tol: float = 0.05) -> dict | None:
+    """The first improvement of a run's best energy (rows with 'actions') that is in the minimum's basin."""
+    from .builder import atoms_from_actions
+    ref = problem.reference_energy
+    if ref is None:
+        return None
+    for row in history:
+        e = relaxed_energy(problem, atoms_from_actions(problem, row["actions"]))
+        if math.isfinite(e) and e <= ref + tol:
+            return {**{k: v for k, v in row.items() if k != "actions"}, "relaxed_energy": e}
+    return None
