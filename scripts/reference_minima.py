@@ -127,8 +127,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--no-update", action="store_true", help="do not write the reference into the problem YAML")
+    ap.add_argument("--report-only", action="store_true", help="rewrite docs/reference-minima.md from the JSON")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.report_only:
+        write_report(out)
+        return
     (out / "reference").mkdir(parents=True, exist_ok=True)
     results_path = out / "reference-minima.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -162,6 +166,26 @@ def main() -> None:
               f"({search.n_calls} force calls, {time.time() - t0:.0f} s); kept {results[name]['energy']:.4f}",
               flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
+    write_report(out)
+
+
+def write_report(out: Path) -> None:
+    results = json.loads((out / "reference-minima.json").read_text())
+    lines = ["# Reference global minima", "",
+             "Established independently of the RL agent by `scripts/reference_minima.py` (command per problem below). "
+             "Energies are total energies of the relaxed structure (template included) with the problem's calculator; "
+             "the structures are in `docs/reference/`. \"Found\" for any search method means: the candidate relaxes to "
+             "within 0.05 eV of this energy (../shared/ASLA.md section 9). Problems marked *lower bound not proven* "
+             "were searched within a fixed time budget; a lower minimum may exist, and any method that finds one "
+             "should update the reference.", "",
+             "| problem | energy (eV) | relaxations | force calls | minutes | how |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['energy']:.4f} | {r['relaxations']} | {r['force_calls']} | "
+                     f"{r['seconds'] / 60:.1f} | {r['method']} |")
+    lines += ["", "Tight-binding, DFT and tiny problems: see the `reference:` section of each problem YAML "
+              "(graphene-c24-xtb, graphene-c24-dft: the honeycomb, whose forces vanish by symmetry; benzene-xtb: "
+              "relaxed benzene; tiny-pd2o: exhaustive enumeration)."]
+    (out / "reference-minima.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
