@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=40.0, help="relax improvements within this many eV of the reference")
     ap.add_argument("--runs", default="runs/curves")
     ap.add_argument("--out", default="docs")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every run, e.g. --set torch_threads=1")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 24 episodes, pd100-oxide-2x2")
     args = ap.parse_args()
     if args.quick:
@@ -95,7 +97,7 @@ def main() -> None:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             cfg = load_config(f"configs/{name}.yaml", [f"seed={seed}", f"episodes={episodes[name]}",
-                                                       "log_images_every=1000000"])
+                                                       "log_images_every=1000000", *args.overrides])
             t0 = time.perf_counter()
             s = train(cfg, run_dir=run_dir, progress=False)
             wall = time.perf_counter() - t0
