@@ -54,6 +54,7 @@ class Agent:
         self.device = pick_device(device)
         self.net = QNetwork(in_channels, len(self.species) * self.n_layers, self.network_config).to(self.device)
         self.card: dict = dict(card or {})
+        self.forward_seconds = 0.0  # time in network forward passes while acting (for timing reports)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -83,8 +84,11 @@ class Agent:
     # -- acting ---------------------------------------------------------------------------
     @torch.inference_mode()
     def q_values(self, obs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
-        return self.net(x).float().cpu().numpy()
+        q = self.net(x).float().cpu().numpy()
+        self.forward_seconds += time.perf_counter() - t0
+        return q
 
     def act(self, states: list[BuildState], epsilon: float, rng: np.random.Generator) -> list[int | None]:
         """ε-greedy over legal actions for a batch of builds, one forward pass for all."""

@@ -51,7 +51,10 @@ class TrainState:
         self.best_actions: list[int] = []
         self.history: list[dict] = []  # one row per improvement of the best energy
         self.seconds = 0.0
-        self.timing = {"rollout": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0, "checkpoint": 0.0}
+        # seconds: rollout (forward passes + environment), of it rollout_forward; calculator (+ database
+        # and cache); learn (sampling, encoding, forward + backward + Adam); logging; checkpoint
+        self.timing = {"rollout": 0.0, "rollout_forward": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0,
+                       "checkpoint": 0.0}
         self.dead_ends = 0
         self.found_reference_at: dict | None = None
 
@@ -144,9 +147,10 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             epsilon = epsilon_at(eps_schedule, state.episodes)
             n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
 
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), agent.forward_seconds
             builds = agent.rollout(problem, n, epsilon, rng)
             state.timing["rollout"] += time.perf_counter() - t0
+            state.timing["rollout_forward"] = state.timing.get("rollout_forward", 0.0) + agent.forward_seconds - f0
 
             t0 = time.perf_counter()
             evaluated = []

@@ -153,15 +153,16 @@ def _markdown(report: dict, path: Path) -> None:
              "fixed, not counted), within 0.05 eV of the reference minimum (docs/reference-minima.md).", "",
              "![success curves](learning_curves.png)", "",
              "| problem | episodes | ASLA seeds found | median evaluations to find | random builder seeds found "
-             "| episodes/s | time: rollout / calculator / learn (s per 100 episodes) |", "|---|---|---|---|---|---|---|"]
+             "| episodes/s | time: rollout (of it network forward) / calculator / learn (s per 100 episodes) |", "|---|---|---|---|---|---|---|"]
     for name, data in report["problems"].items():
         runs = data["runs"]
         hits = [r["found"]["evaluations"] for r in runs if r["found"]]
         rhits = [r for r in runs if r["random_found"]]
-        t = {k: np.mean([r["timing_seconds"][k] / r["episodes"] * 100 for r in runs]) for k in ("rollout", "calculator", "learn")}
+        t = {k: np.mean([r["timing_seconds"].get(k, 0.0) / r["episodes"] * 100 for r in runs])
+             for k in ("rollout", "rollout_forward", "calculator", "learn")}
         lines.append(f"| {name} | {data['episodes']} | {len(hits)}/{len(runs)} | {np.median(hits) if hits else '-'} | "
                      f"{len(rhits)}/{len(runs)} | {np.mean([r['episodes_per_second'] for r in runs]):.1f} | "
-                     f"{t['rollout']:.1f} / {t['calculator']:.1f} / {t['learn']:.1f} |")
+                     f"{t['rollout']:.1f} ({t['rollout_forward']:.1f} forward) / {t['calculator']:.1f} / {t['learn']:.1f} |")
     lines += ["", "Per seed (best single-point and relaxed energies, eV):", ""]
     for name, data in report["problems"].items():
         lines.append(f"- {name} (reference {data['reference']:.3f}): " + "; ".join(
