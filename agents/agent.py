@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import asla
-from asla.builder import BuildState, n_actions, observation_shape
+from asla.builder import BuildState, observation_shape
 from asla.errors import CheckpointError
 from asla.problem import Problem, load_problem
 from asla.reward import EnergyEvaluator

@@ -90,7 +90,7 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = cfg
-        for n, part in enumerate(parts[:-1]):
+        for part in parts[:-1]:
             if part not in node or not isinstance(node[part], dict):
                 raise ConfigError(key, f"unknown key; allowed: {', '.join(sorted(node))}")
             node = node[part]

@@ -30,20 +30,8 @@ from agents.agent import Agent
 from agents.config import load_config
 from agents.train import train
 from asla import load_problem
-from asla.basin import relaxed_energy
+from asla.basin import first_found, relaxed_energy
 from asla.builder import atoms_from_actions
-
-
-def first_found(problem, history: list[dict], tol: float = 0.05) -> dict | None:
-    """The first improvement of the best energy whose relaxed structure is the reference minimum."""
-    ref = problem.reference_energy
-    if ref is None:
-        return None
-    for row in history:
-        e = relaxed_energy(problem, atoms_from_actions(problem, row["actions"]))
-        if math.isfinite(e) and e <= ref + tol:
-            return {"episode": row["episode"], "evaluations": row["evaluations"], "relaxed_energy": e}
-    return None
 
 
 def run(recipe: str, problem_name: str, run_dir: Path, seed: int, episodes: int, init_from: str | None = None,
