@@ -324,3 +324,23 @@ def test_maskable_ppo_drives_the_env_unchanged():
             finished += term
             obs, info = env.reset()
     assert finished >= 3
+
+
+def test_cli_problems_check_random_and_errors(tmp_path, capsys):
+    from ase.io import read
+
+    from asla.cli import main
+    assert main(["problems"]) == 0
+    assert "pd100-oxide-3x3" in capsys.readouterr().out
+    assert main(["check", "graphene-c24"]) == 0
+    assert "symmetry operations 6912" in capsys.readouterr().out
+    out = tmp_path / "r.extxyz"
+    assert main(["random", "tiny-pd2o", "--episodes", "5", "--out", str(out)]) == 0
+    frames = read(out, index=":")
+    assert len(frames) == 5 and all(np.isfinite(a.get_potential_energy()) for a in frames)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bag: {Xx: 1}\ncell: {a: 5, c: 10}\n")
+    capsys.readouterr()  # drop the progress bar of the random run
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asla: error: bag.Xx: unknown element") and "\n" not in err
