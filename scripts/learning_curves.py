@@ -62,7 +62,20 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run, e.g. --set torch_threads=1")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 24 episodes, pd100-oxide-2x2")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs' learning_curves.json into --out")
     args = ap.parse_args()
+    if args.merge:
+        merged = {"command": [], "python": platform.python_version(), "problems": {}}
+        for path in args.merge:
+            part = json.loads(Path(path).read_text())
+            merged["command"].append(part["command"])
+            merged["problems"].update(part["problems"])
+        merged["command"] = "`; `".join(merged["command"])
+        out = Path(args.out)
+        (out / "learning_curves.json").write_text(json.dumps(merged, indent=2, default=float) + "\n")
+        _plot(merged, out / "learning_curves.png")
+        _markdown(merged, out / "learning.md")
+        return
     if args.quick:
         args.problems, args.seeds, args.episodes = ["pd100-oxide-2x2"], 1, [24]
     episodes = dict(zip(args.problems, args.episodes)) if args.episodes else \
