@@ -11,6 +11,7 @@ from asla.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {
     "problem": None,            # shipped problem name, a YAML path, or an inline mapping
+    "problem_overrides": {},    # problem fields to change, e.g. {relax: {steps: 10}} for relaxation before the reward
     "seed": 0,
     "episodes": 1000,
     "n_builders": 4,            # builds per iteration, forward passes batched
@@ -45,7 +46,7 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
         name = f"{prefix}{k}"
         if k not in base:
             raise ConfigError(name, f"unknown key; allowed: {', '.join(sorted(base))}")
-        if isinstance(base[k], dict) and k != "problem":
+        if isinstance(base[k], dict) and k not in ("problem", "problem_overrides"):
             if not isinstance(v, dict):
                 raise ConfigError(name, f"must be a mapping with keys {', '.join(sorted(base[k]))}")
             out[k] = _merge(base[k], v, f"{name}.")
@@ -91,10 +92,13 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
         parts = key.strip().split(".")
         node = cfg
         for part in parts[:-1]:
+            if parts[0] == "problem_overrides":
+                node = node.setdefault(part, {})
+                continue
             if part not in node or not isinstance(node[part], dict):
                 raise ConfigError(key, f"unknown key; allowed: {', '.join(sorted(node))}")
             node = node[part]
-        if parts[-1] not in node and not (parts[0] == "problem"):
+        if parts[-1] not in node and parts[0] not in ("problem", "problem_overrides"):
             raise ConfigError(key, f"unknown key; allowed: {', '.join(sorted(node))}")
         node[parts[-1]] = parse_value(value)
     if cfg["problem"] is None:

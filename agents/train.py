@@ -85,7 +85,7 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
     cfg["run_dir"] = str(run_dir)
     if init_from is not None:
         cfg["init_from"] = str(init_from)
-    problem = load_problem(cfg["problem"])
+    problem = load_problem(cfg["problem"], **cfg["problem_overrides"])
     if not resume:
         public = {k: v for k, v in cfg.items() if not k.startswith("_")}  # private test hooks stay out
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(public), sort_keys=False))

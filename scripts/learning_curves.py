@@ -62,14 +62,17 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run, e.g. --set torch_threads=1")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 24 episodes, pd100-oxide-2x2")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs' learning_curves.json into --out")
+    ap.add_argument("--merge", nargs="+", metavar="JSON[=LABEL]",
+                    help="combine earlier runs' learning_curves.json into --out (LABEL renames its problem)")
     args = ap.parse_args()
     if args.merge:
         merged = {"command": [], "python": platform.python_version(), "problems": {}}
-        for path in args.merge:
+        for spec in args.merge:  # PATH or PATH=LABEL (a label for the one problem of that run)
+            path, _, label = spec.partition("=")
             part = json.loads(Path(path).read_text())
             merged["command"].append(part["command"])
-            merged["problems"].update(part["problems"])
+            for name, data in part["problems"].items():
+                merged["problems"][label or name] = data
         merged["command"] = "`; `".join(merged["command"])
         out = Path(args.out)
         (out / "learning_curves.json").write_text(json.dumps(merged, indent=2, default=float) + "\n")
@@ -85,7 +88,8 @@ def main() -> None:
     report = {"command": "python scripts/learning_curves.py " + " ".join(sys.argv[1:]),
               "python": platform.python_version(), "problems": {}}
     for name in args.problems:
-        problem = load_problem(name)
+        overrides = load_config(f"configs/{name}.yaml", args.overrides)["problem_overrides"]
+        problem = load_problem(name, **overrides)
         if problem.reference_energy is None:
             raise SystemExit(f"{name} has no reference energy: run scripts/reference_minima.py first")
         rows = []
