@@ -208,3 +208,13 @@ def test_arbitrary_rotation_option_regrids_onto_the_grid_and_trains(tmp_path):
     summary = train(tiny_cfg(episodes=12, augment={"exact": True, "arbitrary_rotation": True}),
                     run_dir=tmp_path / "rot", progress=False)
     assert summary["episodes"] == 12
+
+
+def test_recipe_can_add_relaxation_before_the_reward(tmp_path):
+    cfg = load_config({"problem": "tiny-pd2o", **TINY, "episodes": 8}, ["problem_overrides.relax.steps=3"])
+    assert cfg["problem_overrides"] == {"relax": {"steps": 3}}
+    summary = train(cfg, run_dir=tmp_path / "run", progress=False)
+    # every structure costs the single point plus up to three relaxation steps
+    assert summary["structures_evaluated"] < summary["energy_evaluations"] <= 4 * summary["structures_evaluated"]
+    import yaml
+    assert yaml.safe_load((tmp_path / "run" / "problem.yaml").read_text())["relax"]["steps"] == 3
