@@ -153,7 +153,7 @@ def _markdown(report: dict, path: Path) -> None:
              "Found = basin criterion: the best structure so far, relaxed with the problem's calculator (template "
              "fixed, not counted), within 0.05 eV of the reference minimum (docs/reference-minima.md).", "",
              "![success curves](learning_curves.png)", "",
-             "| problem | episodes | ASLA seeds found | median evaluations to find | random builder seeds found "
+             "| problem | episodes (median evaluations) | ASLA seeds found | median evaluations to find | random builder seeds found "
              "| episodes/s | time: rollout (of it network forward) / calculator / learn (s per 100 episodes) |", "|---|---|---|---|---|---|---|"]
     for name, data in report["problems"].items():
         runs = data["runs"]
@@ -161,9 +161,12 @@ def _markdown(report: dict, path: Path) -> None:
         rhits = [r for r in runs if r["random_found"]]
         t = {k: np.mean([r["timing_seconds"].get(k, 0.0) / r["episodes"] * 100 for r in runs])
              for k in ("rollout", "rollout_forward", "calculator", "learn")}
-        lines.append(f"| {name} | {data['episodes']} | {len(hits)}/{len(runs)} | {np.median(hits) if hits else '-'} | "
-                     f"{len(rhits)}/{len(runs)} | {np.mean([r['episodes_per_second'] for r in runs]):.1f} | "
-                     f"{t['rollout']:.1f} ({t['rollout_forward']:.1f} forward) / {t['calculator']:.1f} / {t['learn']:.1f} |")
+        fwd = f"{t['rollout_forward']:.1f}" if all("rollout_forward" in r["timing_seconds"] for r in runs) else "n/a"
+        budget = int(np.median([r["evaluations"] for r in runs]))
+        lines.append(f"| {name} | {data['episodes']} ({budget} evaluations) | {len(hits)}/{len(runs)} | "
+                     f"{np.median(hits) if hits else '-'} | {len(rhits)}/{len(runs)} | "
+                     f"{np.mean([r['episodes_per_second'] for r in runs]):.1f} | "
+                     f"{t['rollout']:.1f} ({fwd} forward) / {t['calculator']:.1f} / {t['learn']:.1f} |")
     lines += ["", "Per seed (best single-point and relaxed energies, eV):", ""]
     for name, data in report["problems"].items():
         lines.append(f"- {name} (reference {data['reference']:.3f}): " + "; ".join(
