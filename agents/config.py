@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": 1,               # evaluation workers for process/ray
     "ray_address": None,        # None/local starts Ray here; "auto" or HOST:PORT joins a cluster
     "init_from": None,          # agent to start from (set by --init-from; kept for --resume)
+    "command": None,            # the command line that started the run (recorded in the model card)
 }
 
 CHOICES = {"learning.loss": ("huber", "mse"), "learning.target": ("mc", "max")}

@@ -83,6 +83,9 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             raise ConfigError("run_dir", f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg["run_dir"] = str(run_dir)
+    if not cfg.get("command"):
+        import sys
+        cfg["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if init_from is not None:
         cfg["init_from"] = str(init_from)
     problem = load_problem(cfg["problem"], **cfg["problem_overrides"])

@@ -127,7 +127,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from agents.train import train
     if not args.config and not args.resume:
         raise SystemExit("asla train: give a recipe (e.g. configs/tiny-pd2o.yaml) or --resume RUN_DIR")
-    command = "asla " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("asla") else None
     overrides = list(args.overrides)
     summary = train(args.config, run_dir=args.resume or args.run_dir, resume=bool(args.resume),
                     init_from=args.init_from, progress=not args.no_progress, overrides=overrides)
@@ -138,7 +137,6 @@ def cmd_train(args: argparse.Namespace) -> int:
           + ("" if ref is None or best is None else f" ({best - ref:+.4f} eV vs reference)")
           + f", {summary['episodes_per_second']:.1f} episodes/s")
     print(f"TensorBoard: tensorboard --logdir {Path(summary['run_dir']).parent}")
-    del command
     return 0
 
 

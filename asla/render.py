@@ -7,8 +7,7 @@ from ase.data import covalent_radii
 from ase.data.colors import jmol_colors
 
 
-def render_atoms(atoms: Atoms, n_template: int = 0, px_per_A: float = 20.0, max_px: int = 480,
-                 values: np.ndarray | None = None) -> np.ndarray:
+def render_atoms(atoms: Atoms, n_template: int = 0, px_per_A: float = 20.0, max_px: int = 480) -> np.ndarray:
     """uint8 (H, W, 3) top view of the periodic cell; template atoms drawn paler than placed ones."""
     ab = np.array(atoms.cell)[:2, :2]
     corners = np.array([[0, 0], ab[0], ab[1], ab[0] + ab[1]])
