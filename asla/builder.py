@@ -137,8 +137,17 @@ class BuildState:
         legal = legal & self.allowed_species()[:, None, None]
         return legal.reshape(-1)
 
+    def is_legal(self, action: int) -> bool:
+        """The action_mask() entry for one action, without building the whole mask (hot path of every step)."""
+        if not 0 <= action < self.too_close.size:
+            return False
+        s, layer, k = decode_action(self.problem, int(action))
+        if self.too_close[s, layer, k] or not self.allowed_species()[s]:
+            return False
+        return bool(self.near[s, layer, k]) or not (len(self.problem.template) or self.actions)
+
     def place(self, action: int) -> None:
-        if not 0 <= action < self.too_close.size or not self.action_mask()[action]:
+        if not self.is_legal(action):
             raise IllegalActionError(f"action {action} is not legal in this state")
         s, layer, k = decode_action(self.problem, int(action))
         grid = self.problem.grid

@@ -54,7 +54,7 @@ class AtomBuildEnv(gym.Env):
     def step(self, action):
         action = int(action)
         self._steps += 1
-        if not 0 <= action < self.action_space.n or not self.state.action_mask()[action]:
+        if not self.state.is_legal(action):
             # A client that ignores the mask: nothing is placed; too many such steps end the episode.
             truncated = self._steps >= self.max_steps
             return self.state.observation(), -1.0 if truncated else 0.0, False, truncated, \

@@ -344,3 +344,17 @@ def test_cli_problems_check_random_and_errors(tmp_path, capsys):
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("asla: error: bag.Xx: unknown element") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["pd100-oxide-2x2", "graphene-c24", "tiny-pd2o"])
+def test_is_legal_agrees_with_the_mask(name):
+    p = load_problem({**load_problem(name).to_dict(), "sequence": None} if name != "tiny-pd2o" else
+                     {**load_problem(name).to_dict(), "sequence": ["O", "Pd", "Pd"]})
+    rng = np.random.default_rng(0)
+    state = BuildState(p)
+    for _ in range(min(p.n_atoms, 6)):
+        mask = state.action_mask()
+        probe = np.concatenate([rng.integers(len(mask), size=200), np.flatnonzero(mask)[:20], [-1, len(mask)]])
+        for a in probe:
+            assert state.is_legal(int(a)) == (0 <= a < len(mask) and bool(mask[a]))
+        state.place(int(rng.choice(np.flatnonzero(mask))))
