@@ -1,0 +1,145 @@
+"""Counting energy evaluations in the calculator itself, so every search method is counted alike.
+
+Search codes count differently (ASLA counts structures plus relaxation steps, AGOX counts
+database entries, basin hopping counts relaxations). Wrapping the one calculator they all call
+makes the count a property of the calculator: one evaluation is one geometry at which energy
+and/or forces were actually computed (energy and forces together count once; a repeated request
+at an unchanged geometry is answered from the cache and costs nothing).
+
+A :class:`Ledger` is the account those calls are charged to. Several calculator instances may
+share one (a search that rebuilds its calculator after a failure keeps counting), it can carry a
+budget (the call that spends it raises :class:`EvaluationBudgetExhausted` once its result is
+recorded, and any later call before computing), and it keeps the trace of improvements of the lowest energy computed so far — the
+raw material of a success curve.
+
+In a problem YAML or dict the wrapper is an import-path calculator::
+
+    calculator: {name: "asla.counting:CountingCalculator", inner: {name: emt}, ledger: my-run}
+
+where ``my-run`` names a ledger opened in the same process with :func:`open_ledger`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from .errors import ProblemError
+
+SPEC_NAME = "asla.counting:CountingCalculator"
+
+
+class EvaluationBudgetExhausted(BaseException):
+    """The ledger's budget is spent: raised by the call that spends it (after recording it) and by any later call.
+
+    A BaseException, not an Exception, because search codes catch Exception from the calculator
+    as a failed structure and go on (ASLA's evaluator and AGOX's evaluators do): a budget stop
+    must end the search, not be recorded as one more failure.
+    """
+
+
+@dataclass
+class Ledger:
+    """Evaluations charged so far, an optional budget, and the trace of improvements of the best energy."""
+
+    limit: int | None = None
+    keep_trace: bool = True
+    count: int = 0
+    best_energy: float = math.inf
+    trace: list[dict] = field(default_factory=list)  # evaluations, seconds, energy, atoms
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds since the ledger was opened (or `restart_clock`)."""
+        return time.perf_counter() - self.t0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.count >= self.limit
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def charge(self) -> None:
+        if self.exhausted:
+            raise EvaluationBudgetExhausted(f"budget of {self.limit} evaluations spent")
+        self.count += 1
+
+    def observe(self, atoms: Atoms, energy: float) -> None:
+        """Record `atoms` if its energy improves the best so far (plain Atoms: no calculator, no constraints)."""
+        if not (math.isfinite(energy) and energy < self.best_energy - 1e-9):
+            return
+        self.best_energy = float(energy)
+        if self.keep_trace:
+            plain = Atoms(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(), cell=atoms.cell.copy(),
+                          pbc=atoms.pbc.copy())
+            self.trace.append({"evaluations": self.count, "seconds": self.seconds, "energy": float(energy),
+                               "atoms": plain})
+
+
+_LEDGERS: dict[str, Ledger] = {}
+
+
+def open_ledger(name: str, limit: int | None = None, keep_trace: bool = True) -> Ledger:
+    """A fresh ledger that calculators built from a spec with ``ledger: name`` charge in this process."""
+    ledger = Ledger(limit=limit, keep_trace=keep_trace)
+    _LEDGERS[name] = ledger
+    return ledger
+
+
+def close_ledger(name: str) -> Ledger | None:
+    return _LEDGERS.pop(name, None)
+
+
+def counting_spec(inner: dict, ledger: str) -> dict:
+    """A problem ``calculator`` section that wraps `inner` and charges the ledger named `ledger`."""
+    return {"name": SPEC_NAME, "inner": dict(inner), "ledger": ledger}
+
+
+class CountingCalculator(Calculator):
+    """An ASE calculator that forwards to `inner` and counts the geometries it actually computes.
+
+    `inner` is a calculator or a calculator spec (as in a problem's ``calculator`` section);
+    `ledger` a :class:`Ledger`, the name of one opened with :func:`open_ledger`, or None for a
+    private one. ``.count`` is this instance's evaluations, ``.ledger.count`` the shared total.
+    """
+
+    def __init__(self, inner: Calculator | dict, ledger: Ledger | str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(inner, dict):
+            from .calculators import make_calculator
+            inner = make_calculator(inner)
+        self.inner = inner
+        if isinstance(ledger, str):
+            if ledger not in _LEDGERS:
+                raise ProblemError("calculator.ledger", f"no counting ledger named {ledger!r} is open in this process; "
+                                   "open it with asla.counting.open_ledger (and evaluate serially)")
+            ledger = _LEDGERS[ledger]
+        self.ledger = ledger if ledger is not None else Ledger(keep_trace=False)
+        self.count = 0
+        self.implemented_properties = list(inner.implemented_properties)
+
+    def calculate(self, atoms: Atoms | None = None, properties: Any = ("energy",),
+                  system_changes: Any = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        wanted = list(dict.fromkeys(["energy", "forces", *properties]))  # energy and forces: one evaluation
+        wanted = [p for p in wanted if p in self.inner.implemented_properties]
+        required = getattr(self.inner, "calculation_required", None)
+        computes = required is None or bool(required(self.atoms, wanted))
+        if computes:
+            self.ledger.charge()  # raises before computing once the budget is spent
+            self.count += 1
+        for name in wanted:
+            self.inner.get_property(name, self.atoms)
+        self.results = dict(self.inner.results)
+        if computes and "energy" in self.results:
+            self.ledger.observe(self.atoms, float(self.results["energy"]))
+        if computes and self.ledger.exhausted:
+            # The evaluation that spends the budget is counted and traced, then the search stops at once
+            # rather than after more (uncounted but timed) work towards an evaluation it may not make.
+            raise EvaluationBudgetExhausted(f"budget of {self.ledger.limit} evaluations spent")

@@ -1,0 +1,358 @@
+"""Benchmark: ASLA against a random builder and AGOX's RSS, basin hopping and GOFEE, all counted alike.
+
+For each problem, method and seed: run the method with the problem's calculator wrapped in
+asla.counting.CountingCalculator (one evaluation = one geometry whose energy/forces were computed,
+relaxation steps included; the run stops when its budget is spent), then decide from the run's trace of
+best-energy improvements the first evaluation at which it reached the global minimum's basin (the basin
+criterion of ../shared/ASLA.md section 9: relaxed with the problem's calculator, template fixed, within
+0.05 eV of the reference; offline, not counted). Methods: see scripts/bench_methods.py.
+
+Each finished (problem, method, seed) is written at once to RESULTS/<problem>/<method>-s<seed>.json and
+skipped when the command is run again with the same budget, so a crash or a kill loses at most the runs
+in progress. The report (OUT/benchmarks.md, OUT/benchmarks.json, OUT/benchmarks-<problem>.png) is made
+from every finished record of the requested problems, methods and seeds.
+
+Usage:
+    python scripts/benchmark.py --seeds 10                       # every problem and method (hours)
+    python scripts/benchmark.py --problems pd100-oxide-2x2 --methods rss bh gofee random --seeds 2 --budget 2000
+    python scripts/benchmark.py --report-only                    # remake the report from finished records
+    python scripts/benchmark.py --quick --out /tmp/b --results /tmp/b/runs   # each method briefly (a test)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_methods as bm  # noqa: E402
+
+from asla import load_problem  # noqa: E402
+from asla.storage import atomic_write_text, write_json  # noqa: E402
+
+PROBLEMS = ("pd100-oxide-2x2", "pd100-oxide-3x3", "pd100-oxide-5x5", "graphene-c24", "graphene-c24-xtb")
+# Evaluations per run. EMT and Tersoff evaluations cost milliseconds, so the budgets are generous: AGOX's RSS and
+# basin hopping did not reach the 2x2 minimum within 2,000 (trial, 2 seeds), the reference search took 35,543.
+# GOFEE spent ~16 s per iteration here (2 evaluations; surrogate relaxation of 10 candidates, a GPR that grows
+# with the data) and gets a smaller budget, recorded with each run.
+BUDGET = {"pd100-oxide-2x2": 10000, "pd100-oxide-3x3": 20000, "pd100-oxide-5x5": 30000, "graphene-c24": 5000,
+          "graphene-c24-xtb": 3000}
+GOFEE_BUDGET = {"pd100-oxide-2x2": 200, "pd100-oxide-3x3": 200, "pd100-oxide-5x5": 200, "graphene-c24": 200,
+                "graphene-c24-xtb": 200}
+QUICK = {"problems": ["pd100-oxide-2x2"], "seeds": 1, "budget": 60, "gofee_budget": 6}
+TOL = 0.05  # eV, the basin criterion's tolerance
+
+
+def budget_for(args: argparse.Namespace, problem: str, method: str) -> int:
+    if method == "gofee":
+        return args.gofee_budget or GOFEE_BUDGET.get(problem, 200)
+    return args.budget or BUDGET.get(problem, 10000)
+
+
+def record_path(results: Path, problem: str, method: str, seed: int) -> Path:
+    return results / problem / f"{method}-s{seed}.json"
+
+
+def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int, budget: int) -> dict:
+    """Run one (problem, method, seed) and judge it; the record of scripts/benchmark.py."""
+    problem = load_problem(problem_name)
+    base = {"problem": problem_name, "method": method, "seed": seed, "budget": budget, "window": args.window,
+            "tol": TOL, "reference_energy": problem.reference_energy, "command": args.command}
+    with tempfile.TemporaryDirectory(prefix=f"bench-{problem_name}-{method}-s{seed}-") as tmp:
+        try:
+            outcome = bm.run_method(method, problem_name, seed, budget, Path(tmp), quick=args.quick)
+        except bm.Skipped as skip:
+            return {**base, "status": str(skip)}
+    ledger = outcome.ledger
+    check = bm.first_in_basin(problem, ledger.trace, tol=TOL, window=args.window)
+    found = check["found"]
+    return {**base, "status": "done",
+            "found_at_evaluations": found["evaluations"] if found else None,
+            "found_at_seconds": found["seconds"] if found else None,
+            "evaluations_spent": ledger.count, "wall_seconds": outcome.wall_seconds,
+            "best_energy": ledger.best_energy if math.isfinite(ledger.best_energy) else None,
+            "best_relaxed_energy": check.get("best_relaxed_energy"),
+            "found_energy": found["energy"] if found else None,
+            "found_relaxed_energy": found["relaxed_energy"] if found else None,
+            "basin_check": {"relaxations": check["relaxations"], "seconds": check["seconds"]},
+            "settings": outcome.settings, "notes": outcome.notes,
+            "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in ledger.trace],
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()["cpu"]}
+
+
+def load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def success_curve(hits: list[float | None], xs: np.ndarray, n: int) -> np.ndarray:
+    found = np.sort(np.array([h for h in hits if h is not None], dtype=float))
+    return np.searchsorted(found, xs, side="right") / max(n, 1)
+
+
+def to_success(hits: list[float | None], n: int, q: float) -> float | None:
+    """Smallest x at which a fraction q of the n runs had found the minimum (None if never)."""
+    found = sorted(h for h in hits if h is not None)
+    need = math.ceil(q * n - 1e-9)
+    return found[need - 1] if n and len(found) >= need else None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("asla", "agox", "ase", "torch", "numpy", "scipy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                     model)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    mem = None
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        mem = round(kb / 1024**2, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "memory_gib": mem, "system": platform.platform()}
+
+
+def make_report(args: argparse.Namespace, problems: list[str], methods: list[str], seeds: list[int],
+                skips: dict[tuple[str, str], str]) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"commands": [], "versions": versions(), "machine": machine(), "tol": TOL, "problems": {}}
+    for name in problems:
+        problem = load_problem(name)
+        entry = {"reference_energy": problem.reference_energy, "reference_method": problem.reference.get("method"),
+                 "reference_structure": problem.reference.get("structure"), "methods": {}}
+        for method in methods:
+            if (name, method) in skips:
+                entry["methods"][method] = {"status": skips[(name, method)], "runs": []}
+                continue
+            runs = [r for s in seeds if (r := load_record(record_path(Path(args.results), name, method, s)))]
+            for r in runs:
+                if r.get("command") and r["command"] not in report["commands"]:
+                    report["commands"].append(r["command"])
+            entry["methods"][method] = {"status": "done" if runs else "no finished runs", "runs": runs}
+        report["problems"][name] = entry
+        plot_problem(name, entry, out / f"benchmarks-{name}.png")
+    write_json(out / "benchmarks.json", report)
+    atomic_write_text(out / "benchmarks.md", markdown(report))
+    return report
+
+
+def summary_row(runs: list[dict], ref: float | None) -> dict:
+    n = len(runs)
+    ev = [r["found_at_evaluations"] for r in runs]
+    sec = [r["found_at_seconds"] for r in runs]
+    spent = [r["evaluations_spent"] for r in runs]
+    walls = [r["wall_seconds"] for r in runs]
+    relaxed = [r["best_relaxed_energy"] for r in runs if r.get("best_relaxed_energy") is not None]
+    return {"n": n, "found": sum(e is not None for e in ev), "budget": max((r["budget"] for r in runs), default=None),
+            "evals_50": to_success(ev, n, 0.5), "evals_90": to_success(ev, n, 0.9),
+            "seconds_50": to_success(sec, n, 0.5), "median_wall": float(np.median(walls)) if walls else None,
+            "seconds_per_evaluation": float(np.median([w / max(s, 1) for w, s in zip(walls, spent)])) if n else None,
+            "median_best_relaxed_above_ref": (float(np.median(relaxed)) - ref) if relaxed and ref is not None else None}
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    v, m = report["versions"], report["machine"]
+    lines = ["# Benchmark: ASLA, a random builder and AGOX (RSS, basin hopping, GOFEE)", "",
+             "Made by `scripts/benchmark.py`; raw results (every run, with its trace of best-energy improvements) in "
+             "`benchmarks.json` beside this file.", "",
+             "**Protocol.** Every method calls the problem's calculator through `asla.counting.CountingCalculator`: "
+             "one evaluation is one geometry whose energy and/or forces were computed (single points and every "
+             "local-relaxation step with the real calculator; a cached repeat costs nothing), and a run stops when "
+             "its budget is spent. A run has *found* the global minimum at the first improvement of its best energy "
+             "whose structure, relaxed with the problem's calculator (template fixed; offline, not counted), ends "
+             f"within {report['tol']} eV of the reference (the basin criterion, ASLA.md section 9; `asla.basin`). "
+             "Only improvements within the `window` of the reference are relaxed, and an uninterrupted descent (the "
+             "steps of one relaxation that kept improving the best) is examined from its start only if its lowest "
+             "point relaxes into the basin. Success curves: fraction of seeds that have found the minimum, against "
+             "evaluations and against wall time per run.", "",
+             "**Methods.** ASLA from scratch (the problem's recipe in `configs/`, trained until the budget; the Pd "
+             "recipes relax 10 EMT steps before the reward, counted); ASLA transferred (5x5 fine-tuned from the 3x3 "
+             "agent); a pretrained agent building zero-shot (epsilon 0.1); the random builder (uniformly random legal "
+             "builds on the same grid, same rules, same evaluation as ASLA's recipe: the floor); AGOX random "
+             "structure search with BFGS relaxation (fmax 0.05 eV/A, at most 100 steps), AGOX basin hopping (rattle "
+             "of 25% of the atoms within 3 A, Metropolis at 0.25 eV, same relaxation) and AGOX GOFEE (global GPR on "
+             "the fingerprint descriptor with a repulsive prior, 10 candidates per iteration relaxed in the LCB "
+             "(kappa 2) surrogate, the chosen one evaluated as a single point plus one BFGS step: 2 evaluations per "
+             "iteration), each from AGOX's own algorithm configuration with the template fixed and a confinement box "
+             "over the build layers (0.5 A below the lowest, 1.0 A above the highest; a free sheet: +-0.5 A). "
+             "GOFEE's candidate generation and surrogate relaxations run serially (AGOX runs them on Ray workers; "
+             "its GPR keeps a one-CPU Ray pool). Details: `scripts/bench_methods.py`; each run's exact AGOX "
+             "configuration is in `benchmarks.json`.", "",
+             f"**Machine.** {m['cpu']}, {m['logical_cpus']} logical CPUs (about one core of real throughput), "
+             f"{m['memory_gib']} GiB; {m['system']}.", "",
+             "**Versions.** " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
+             "**Commands.** " + ("; ".join(f"`{c}`" for c in report["commands"]) or "—"), ""]
+    for name, entry in report["problems"].items():
+        ref = entry["reference_energy"]
+        lines += [f"## {name}", "",
+                  f"Reference minimum: {_fmt(ref, 4)} eV. How it was established: {entry['reference_method'] or '—'} "
+                  f"(see `docs/reference-minima.md`).", "",
+                  f"![success curves](benchmarks-{name}.png)", "",
+                  "| method | budget (evaluations) | seeds | found | evaluations to 50% | evaluations to 90% | "
+                  "wall s to 50% | median wall s per run | median s per evaluation | median best relaxed − reference (eV) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method, data in entry["methods"].items():
+            if not data["runs"]:
+                lines.append(f"| {bm.LABELS[method]} | {data['status']} | | | | | | | | |")
+                continue
+            s = summary_row(data["runs"], ref)
+            lines.append(f"| {bm.LABELS[method]} | {_fmt(s['budget'])} | {s['n']} | {s['found']}/{s['n']} | "
+                         f"{_fmt(s['evals_50'])} | {_fmt(s['evals_90'])} | {_fmt(s['seconds_50'], 1)} | "
+                         f"{_fmt(s['median_wall'], 1)} | {_fmt(s['seconds_per_evaluation'], 4)} | "
+                         f"{_fmt(s['median_best_relaxed_above_ref'], 3)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_problem(name: str, entry: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for n, (method, data) in enumerate(entry["methods"].items()):
+        runs = data["runs"]
+        if not runs:
+            continue
+        colour = f"C{n}"
+        label = f"{bm.LABELS[method]} ({len(runs)} seeds)"
+        budget = max(r["budget"] for r in runs)
+        xs = np.linspace(0, budget, 1000)
+        ax_e.step(xs, success_curve([r["found_at_evaluations"] for r in runs], xs, len(runs)), where="post",
+                  color=colour, label=label)
+        t_max = max(r["wall_seconds"] for r in runs)
+        ts = np.geomspace(0.1, max(t_max, 0.2), 1000)
+        ax_t.step(ts, success_curve([r["found_at_seconds"] for r in runs], ts, len(runs)), where="post",
+                  color=colour, label=label)
+    ax_e.set_xlabel("energy evaluations (single points + relaxation steps)")
+    ax_t.set_xlabel("wall time per run (s)")
+    ax_t.set_xscale("log")
+    for ax in (ax_e, ax_t):
+        ax.set_ylabel("fraction of seeds at the global minimum")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    if ax_e.get_legend_handles_labels()[0]:
+        ax_e.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{name}: reference {entry['reference_energy']} eV (basin criterion, {TOL} eV)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), help=f"default: {' '.join(PROBLEMS)}")
+    ap.add_argument("--methods", nargs="+", default=list(bm.METHODS), help=f"default: {' '.join(bm.METHODS)}")
+    ap.add_argument("--seeds", type=int, help="seeds 0..N-1 per (problem, method) (default 10)")
+    ap.add_argument("--budget", type=int, help="evaluations per run for every method but gofee "
+                    f"(default per problem: {BUDGET})")
+    ap.add_argument("--gofee-budget", type=int, help=f"evaluations per GOFEE run (default per problem: {GOFEE_BUDGET})")
+    ap.add_argument("--window", type=float, default=5.0,
+                    help="relax only best-energy improvements within this many eV of the reference (default 5)")
+    ap.add_argument("--out", default="docs", help="where benchmarks.md, benchmarks.json and the plots go")
+    ap.add_argument("--results", default="runs/benchmarks", help="one JSON per finished run (resume from these)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"each method briefly: {QUICK['problems']}, {QUICK['seeds']} seed, budget {QUICK['budget']} "
+                         f"(GOFEE {QUICK['gofee_budget']})")
+    ap.add_argument("--report-only", action="store_true", help="remake the report from finished runs; run nothing")
+    args = ap.parse_args(argv)
+    args.command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        if args.problems == list(PROBLEMS):
+            args.problems = QUICK["problems"]
+        args.seeds = args.seeds or QUICK["seeds"]
+        args.budget = args.budget or QUICK["budget"]
+        args.gofee_budget = args.gofee_budget or QUICK["gofee_budget"]
+    for m in args.methods:
+        if m not in bm.METHODS:
+            ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
+    seeds = list(range(args.seeds or 10))
+    results = Path(args.results)
+    skips: dict[tuple[str, str], str] = {}
+    for p in args.problems:  # a problem without a reference minimum cannot be judged: reported, not run
+        if load_problem(p).reference_energy is None:  # (load_problem also fails early on an unknown name)
+            print(f"{p}: no reference energy yet (scripts/reference_minima.py); its runs are skipped", flush=True)
+            skips.update({(p, m): "skipped: the problem has no reference energy yet" for m in args.methods})
+    failures = 0
+    jobs = [(p, m, s) for p in args.problems for m in args.methods for s in seeds]
+    for n, (p, m, s) in enumerate(jobs, 1):
+        if args.report_only or (p, m) in skips:
+            continue
+        budget = budget_for(args, p, m)
+        path = record_path(results, p, m, s)
+        old = load_record(path)
+        if old and old.get("budget") == budget and old.get("window") == args.window:
+            continue
+        t0 = time.perf_counter()
+        try:
+            rec = run_one(args, p, m, s, budget)
+        except Exception:  # noqa: BLE001 - one failed run must not lose the others; reported, exit status 1
+            failures += 1
+            print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: FAILED\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            continue
+        if rec["status"] != "done":
+            skips[(p, m)] = rec["status"]
+            print(f"[{n}/{len(jobs)}] {p} {m}: {rec['status']}", flush=True)
+            continue
+        write_json(path, rec)
+        hit = rec["found_at_evaluations"]
+        print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: {rec['evaluations_spent']} evaluations in "
+              f"{rec['wall_seconds']:.1f} s; best {rec['best_energy']:.4f} eV (relaxed {rec['best_relaxed_energy']:.4f}, "
+              f"reference {rec['reference_energy']:.4f}); found {'at ' + str(hit) if hit is not None else 'no'} "
+              f"(check {time.perf_counter() - t0 - rec['wall_seconds']:.1f} s)", flush=True)
+    for p in args.problems:  # skip reasons for the report, also when every run was already finished
+        for m in ("asla-transfer", "asla-zeroshot"):
+            if m in args.methods and (p, m) not in skips and not any(
+                    record_path(results, p, m, s).exists() for s in seeds):
+                try:
+                    if m == "asla-transfer" and p not in bm.TRANSFER_SOURCE:
+                        raise bm.Skipped(f"skipped: no transfer source for {p}")
+                    bm._pretrained(bm.TRANSFER_SOURCE.get(p, p) if m == "asla-transfer" else bm.ZERO_SHOT_AGENT.get(p, p))
+                except bm.Skipped as skip:
+                    skips[(p, m)] = str(skip)
+    make_report(args, args.problems, args.methods, seeds, skips)
+    print(f"wrote {Path(args.out) / 'benchmarks.md'} and benchmarks.json", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
