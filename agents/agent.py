@@ -62,7 +62,7 @@ class Agent:
         network = network or NetworkConfig(periodic=bool(problem.pbc[0]))
         agent = cls(problem.species, problem.grid.spacing, problem.grid.n_layers, observation_shape(problem)[0],
                     network, device=device)
-        agent.card.update({"problem": problem.name})
+        agent.card.update({"problem": problem.name, "smear": problem.smear})
         return agent
 
     def check_compatible(self, problem: Problem) -> None:
@@ -76,6 +76,9 @@ class Agent:
         if problem.grid.n_layers != self.n_layers:
             raise CheckpointError(f"layer mismatch: agent has {self.n_layers} build layers, problem {problem.name!r} "
                                   f"has {problem.grid.n_layers}")
+        if abs(problem.smear - float(self.card.get("smear", 0.0))) > 1e-9:
+            raise CheckpointError(f"observation mismatch: agent sees atoms smeared by {self.card.get('smear', 0.0)} A, "
+                                  f"problem {problem.name!r} by {problem.smear} A (observation.smear)")
         c = observation_shape(problem)[0]
         if c != self.in_channels:
             raise CheckpointError(f"observation mismatch: agent expects {self.in_channels} channels, problem "
@@ -90,8 +93,14 @@ class Agent:
         self.forward_seconds += time.perf_counter() - t0
         return q
 
-    def act(self, states: list[BuildState], epsilon: float, rng: np.random.Generator) -> list[int | None]:
-        """ε-greedy over legal actions for a batch of builds, one forward pass for all."""
+    def act(self, states: list[BuildState], epsilon: float, rng: np.random.Generator,
+            temperature: float = 0.0) -> list[int | None]:
+        """ε-greedy over legal actions for a batch of builds, one forward pass for all.
+
+        With a temperature > 0 the non-random steps sample softmax(Q / temperature) over the legal actions
+        (Boltzmann exploration) instead of taking the argmax: alternatives the network rates almost as high as
+        its favourite are tried often, hopeless ones almost never, unlike the uniform draw of ε.
+        """
         masks = [s.action_mask() for s in states]
         actions: list[int | None] = [None] * len(states)
         need_q = []
@@ -106,16 +115,22 @@ class Agent:
         if need_q:
             q = self.q_values(np.stack([states[n].observation() for n in need_q]))
             for row, n in enumerate(need_q):
-                qn = np.where(masks[n], q[row], -np.inf)
-                actions[n] = int(np.argmax(qn))
+                if temperature > 0:
+                    legal = np.flatnonzero(masks[n])
+                    z = (q[row, legal] - q[row, legal].max()) / temperature
+                    p = np.exp(z)
+                    actions[n] = int(rng.choice(legal, p=p / p.sum()))
+                else:
+                    actions[n] = int(np.argmax(np.where(masks[n], q[row], -np.inf)))
         return actions
 
-    def rollout(self, problem: Problem, n: int, epsilon: float, rng: np.random.Generator) -> list[BuildState]:
+    def rollout(self, problem: Problem, n: int, epsilon: float, rng: np.random.Generator,
+                temperature: float = 0.0) -> list[BuildState]:
         """n builds in lockstep with batched forward passes; dead-ended builds stop early."""
         states = [BuildState(problem) for _ in range(n)]
         active = list(range(n))
         while active:
-            acts = self.act([states[i] for i in active], epsilon, rng)
+            acts = self.act([states[i] for i in active], epsilon, rng, temperature)
             still = []
             for i, a in zip(active, acts):
                 if a is None:

@@ -16,14 +16,16 @@ DEFAULTS: dict[str, Any] = {
     "episodes": 1000,
     "n_builders": 4,            # builds per iteration, forward passes batched
     "device": None,             # cuda when available, else cpu
-    "torch_threads": 2,         # measured: 1.5-2x faster training steps than 1 thread on 2 vCPUs (calculators stay at 1)
+    "torch_threads": 1,         # 2 threads: 1.5-2x faster steps on an idle 2-vCPU machine, 9x slower when another job competes (docs/throughput.md)
     "run_dir": None,            # default runs/<recipe>-s<seed>
     "network": {"width": 32, "depth": 4, "kernel": 5, "dilation": 1, "global_branch": True},
     "epsilon": {"start": 0.5, "end": 0.05, "decay_episodes": 500},
     "fine_tune_epsilon": {"start": 0.2, "end": 0.05, "decay_episodes": 200},   # used with --init-from
+    "temperature": {"start": 0.0, "end": 0.0, "decay_episodes": 1000},  # > 0: Boltzmann sampling of the non-random steps
     "learning": {"target": "mc", "lr": 1.0e-3, "batch_size": 64, "grad_steps_per_episode": 1, "loss": "huber",
                  "replay_capacity": 2000, "n_best": 20, "best_fraction": 0.25, "reward_quantile": 0.9, "weight_decay": 0.0,
-                 "warmup_episodes": 16},
+                 "warmup_episodes": 16, "order_free": False,
+                 "reward": "linear", "reward_resolution": 0.01},
     "augment": {"exact": True, "arbitrary_rotation": False},
     "checkpoint_every": 200,    # episodes
     "log_images_every": 100,    # episodes
@@ -31,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "database": None,           # default run_dir/evaluations.db; any ase.db URL (e.g. postgresql://...)
     "seed_from_db": None,       # ase.db whose structures enter the replay buffer as demonstrations
     "stop_at_reference": False, # stop once a build reaches the problem's reference energy (on-grid)
+    "max_evaluations": None,    # stop once this many calculator evaluations are spent (a budget, as benchmarks set)
     "executor": "serial",       # serial | process (local pool) | ray (local or cluster)
     "workers": 1,               # evaluation workers for process/ray
     "ray_address": None,        # None/local starts Ray here; "auto" or HOST:PORT joins a cluster
@@ -38,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "command": None,            # the command line that started the run (recorded in the model card)
 }
 
-CHOICES = {"learning.loss": ("huber", "mse"), "learning.target": ("mc", "max")}
+CHOICES = {"learning.loss": ("huber", "mse"), "learning.target": ("mc", "max"), "learning.reward": ("linear", "log")}
 
 
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:

@@ -29,7 +29,7 @@ class Episode:
 
 def prefix_key(actions: list[int], t: int) -> int:
     """Order-free identity of the partial structure after t placements (deterministic across runs)."""
-    return hash(tuple(sorted(actions[:t])))
+    return hash(tuple(sorted(int(a) for a in actions[:t])))
 
 
 class ReplayBuffer:
@@ -78,10 +78,11 @@ class ReplayBuffer:
         picks += [self.best[i] for i in rng.integers(len(self.best), size=n_best)]
         return [(ep, int(rng.integers(len(ep.actions)))) for ep in picks if ep.actions]
 
-    def target_energy(self, ep: Episode, t: int, kind: str = "mc") -> float:
-        """Energy behind the Q-target of step t: the episode's own (mc) or the best through its prefix (max)."""
-        if kind == "max":  # a dead end still teaches its prefix whatever completions elsewhere reached
-            return self.prefix_best.get(prefix_key(ep.actions, t + 1), ep.energy)
+    def target_energy(self, ep: Episode, kind: str = "mc", prefix: list[int] | np.ndarray | None = None) -> float:
+        """Energy behind a Q-target: the episode's own (mc), or the best reached through the partial
+        structure `prefix` (the state plus the action; max) when any episode has built it."""
+        if kind == "max" and prefix is not None:  # a dead end still teaches its prefix what completions elsewhere reached
+            return self.prefix_best.get(prefix_key(list(prefix), len(prefix)), ep.energy)
         return ep.energy
 
     def state_dict(self) -> dict:

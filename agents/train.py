@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from asla.builder import decode_action, encode_action, encode_observation
+from asla.builder import encode_observation
 from asla.errors import CheckpointError, ConfigError
 from asla.executor import make_executor
 from asla.problem import load_problem
@@ -36,7 +36,7 @@ from .replay import Episode, ReplayBuffer
 
 
 def epsilon_at(schedule: dict, episode: int) -> float:
-    """Linear decay from start to end over decay_episodes, then constant."""
+    """Linear decay from start to end over decay_episodes, then constant (epsilon and temperature alike)."""
     frac = min(1.0, episode / max(1, schedule["decay_episodes"]))
     return float(schedule["start"] + frac * (schedule["end"] - schedule["start"]))
 
@@ -56,6 +56,7 @@ class TrainState:
         self.timing = {"rollout": 0.0, "rollout_forward": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0,
                        "checkpoint": 0.0}
         self.dead_ends = 0
+        self.grad_credit = 0.0  # gradient steps owed (grad_steps_per_episode may be fractional)
         self.found_reference_at: dict | None = None
 
     def to_dict(self) -> dict:
@@ -116,7 +117,8 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
     optimizer = torch.optim.Adam(agent.net.parameters(), lr=learn_cfg["lr"], weight_decay=learn_cfg["weight_decay"])
     replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
     evaluator = EnergyEvaluator(problem, failure_dir=run_dir / "failures")
-    scale = RewardScale(quantile=learn_cfg["reward_quantile"])
+    scale = RewardScale(quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"],
+                        resolution=learn_cfg["reward_resolution"])
     executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
     state = TrainState()
     database = cfg["database"] or str(run_dir / "evaluations.db")
@@ -145,13 +147,15 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
 
     # ---- main loop -------------------------------------------------------------------------
     try:
-        while state.episodes < cfg["episodes"]:
+        budget = cfg["max_evaluations"]
+        while state.episodes < cfg["episodes"] and (budget is None or evaluator.n_calls < budget):
             t_iter = time.perf_counter()
             epsilon = epsilon_at(eps_schedule, state.episodes)
+            temperature = epsilon_at(cfg["temperature"], state.episodes)
             n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
 
             t0, f0 = time.perf_counter(), agent.forward_seconds
-            builds = agent.rollout(problem, n, epsilon, rng)
+            builds = agent.rollout(problem, n, epsilon, rng, temperature)
             state.timing["rollout"] += time.perf_counter() - t0
             state.timing["rollout_forward"] = state.timing.get("rollout_forward", 0.0) + agent.forward_seconds - f0
 
@@ -161,11 +165,13 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             finished = [i for i, build in enumerate(builds) if build.done]
             evals = dict(zip(finished, executor.evaluate_many(evaluator, [builds[i].atoms() for i in finished],
                                                               [keys[i] for i in finished])))
+            spent = evaluator.n_calls - sum(ev.n_calls for ev in evals.values())  # before this batch
             for builder, build in enumerate(builds):
                 episode = state.episodes
                 key = keys[builder]
                 if build.done:
                     ev = evals[builder]
+                    spent += ev.n_calls  # evaluations up to and including this build, as it happened
                     energy = ev.energy if ev.ok else float("nan")
                     if ev.atoms is not None and not ev.cached:
                         ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
@@ -182,12 +188,12 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
                     if energy < state.best_energy - 1e-9:
                         state.best_energy = energy
                         state.best_actions = list(build.actions)
-                        state.history.append({"episode": state.episodes, "evaluations": evaluator.n_calls,
+                        state.history.append({"episode": state.episodes, "evaluations": spent,
                                               "energy": energy, "actions": list(build.actions),
                                               "seconds": time.perf_counter() - t_start})
                         _write_best(run_dir, problem, replay)
                     if on_grid_reference and state.found_reference_at is None and energy <= ref + ref_tol:
-                        state.found_reference_at = {"episode": state.episodes, "evaluations": evaluator.n_calls}
+                        state.found_reference_at = {"episode": state.episodes, "evaluations": spent}
             scale.update([e.energy for e in replay.recent[-n:]])
             if evaluated and cfg["record_evaluations"]:
                 append_db(database, evaluated, run=run_dir.name)
@@ -196,7 +202,10 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             t0 = time.perf_counter()
             losses, qs = [], []
             if state.episodes >= learn_cfg["warmup_episodes"]:
-                for _ in range(learn_cfg["grad_steps_per_episode"] * n):
+                state.grad_credit += learn_cfg["grad_steps_per_episode"] * n  # fractional rates carry over
+                n_steps = int(state.grad_credit + 1e-9)
+                state.grad_credit -= n_steps
+                for _ in range(n_steps):
                     loss, qmean = _learn_step(agent, optimizer, problem, replay, scale, rng, learn_cfg, aug_cfg)
                     losses.append(loss)
                     qs.append(qmean)
@@ -208,6 +217,8 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             dt = time.perf_counter() - t_iter
             step = state.episodes
             writer.add_scalar("charts/epsilon", epsilon, step)
+            if temperature > 0:
+                writer.add_scalar("charts/temperature", temperature, step)
             writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
             writer.add_scalar("charts/energy_evaluations", evaluator.n_calls, step)
             if math.isfinite(state.best_energy):
@@ -228,7 +239,8 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             state.timing["logging"] += time.perf_counter() - t0
 
             state.seconds = time.perf_counter() - t_start
-            if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"]:
+            out_of_budget = budget is not None and evaluator.n_calls >= budget
+            if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"] or out_of_budget:
                 t0 = time.perf_counter()
                 next_checkpoint += cfg["checkpoint_every"]
                 _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng)
@@ -252,32 +264,49 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
 
 def _learn_step(agent: Agent, optimizer: torch.optim.Optimizer, problem, replay: ReplayBuffer,
                 scale: RewardScale, rng: np.random.Generator, learn_cfg: dict, aug_cfg: dict) -> tuple[float, float]:
+    """One gradient step on a batch of (state, actions, target) samples.
+
+    As built (``order_free: false``): the state is the episode's first t atoms in build order and the one action is
+    the atom placed next. Order-free (``order_free: true``): a finished structure can be built in any order, so the
+    state is a random subset of its atoms and every atom still missing is an action that leads to the same finished
+    structure; all of them are trained towards its reward, which gives n - t targets per forward pass instead of one.
+    """
     samples = replay.sample(rng, learn_cfg["batch_size"], learn_cfg["best_fraction"])
     low, high = scale.bounds()
-    targets = rewards(np.array([replay.target_energy(ep, t, learn_cfg["target"]) for ep, t in samples]), low, high)
+    order_free = learn_cfg["order_free"]
     L, N = problem.grid.n_layers, problem.grid.n_points
-    species, layers, points, a_species, a_layers, a_points = [], [], [], [], [], []
+    states, remaining, energies = [], [], []
     for ep, t in samples:
-        prefix = np.asarray(ep.actions[:t], dtype=int)
-        species.append(prefix // (L * N))
-        layers.append((prefix // N) % L)
-        points.append(prefix % N)
-        s, layer, k = decode_action(problem, ep.actions[t])
-        a_species.append(s)
-        a_layers.append(layer)
-        a_points.append(k)
-    a_points = np.array(a_points)
-    if aug_cfg["exact"]:
-        points, a_points = augmentation.exact(problem.symmetry, rng, points, a_points)
-    if aug_cfg["arbitrary_rotation"]:
-        points, a_points = augmentation.arbitrary_rotation(problem.symmetry, rng, points, a_points)
-    obs = np.stack([encode_observation(problem, s, layer, p) for s, layer, p in zip(species, layers, points)])
-    actions = np.array([encode_action(problem, s, layer, k) for s, layer, k in zip(a_species, a_layers, a_points)])
+        actions = np.asarray(ep.actions, dtype=int)
+        if order_free and math.isfinite(ep.energy):
+            actions = actions[rng.permutation(len(actions))]
+            rest = actions[t:]
+        else:
+            rest = actions[t:t + 1]
+        states.append(actions[:t])
+        remaining.append(rest)
+        energies.append([replay.target_energy(ep, learn_cfg["target"], np.append(actions[:t], a)) for a in rest])
+    # symmetry augmentation acts on grid points of the state and its actions alike
+    points = [a % N for a in states]
+    a_points = np.concatenate([a % N for a in remaining])
+    owner = np.repeat(np.arange(len(samples)), [len(r) for r in remaining])
+    if aug_cfg["arbitrary_rotation"]:  # includes an exact operation first
+        points, a_points = augmentation.arbitrary_rotation(problem.symmetry, rng, points, a_points, owner)
+    elif aug_cfg["exact"]:
+        points, a_points = augmentation.exact(problem.symmetry, rng, points, a_points, owner)
+    obs = np.stack([encode_observation(problem, a // (L * N), (a // N) % L, p) for a, p in zip(states, points)])
+    flat_remaining = np.concatenate(remaining)
+    actions = (flat_remaining // N) * N + a_points  # species and layer unchanged, point transformed
+    weights = np.repeat([1.0 / len(r) for r in remaining], [len(r) for r in remaining])
+    targets = rewards(np.concatenate([np.asarray(e, dtype=float) for e in energies]), low, high, scale.kind,
+                      scale.resolution)
     device = agent.device
     q_all = agent.net(torch.as_tensor(obs, device=device))
-    q = q_all.gather(1, torch.as_tensor(actions, device=device)[:, None]).squeeze(1)
+    q = q_all[torch.as_tensor(owner, device=device), torch.as_tensor(actions, device=device)]
     target = torch.as_tensor(targets, dtype=torch.float32, device=device)
-    loss = F.huber_loss(q, target) if learn_cfg["loss"] == "huber" else F.mse_loss(q, target)
+    per = F.huber_loss(q, target, reduction="none") if learn_cfg["loss"] == "huber" else (q - target) ** 2
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    loss = (per * w).sum() / len(samples)  # every sampled state weighs the same, however many actions it has
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

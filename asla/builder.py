@@ -30,6 +30,7 @@ class _Context:
     near: np.ndarray
     template_image: np.ndarray  # (T, na, nb)
     n_channels: int
+    kernel: np.ndarray | None  # smear kernel over pixel offsets; None for one-hot observations
 
 
 def context(problem: Problem) -> _Context:
@@ -54,6 +55,7 @@ def _make_context(problem: Problem) -> _Context:
         d = grid.min_image_distances(grid.positions.reshape(-1, 3), t.positions).reshape(L, N, len(t))
         too_close = (d[None] < dmin[:, t.numbers][:, None, None, :]).any(-1)
         near = (d[None] <= dmax[:, t.numbers][:, None, None, :]).any(-1)
+    kernel = _smear_kernel(grid, problem.smear) if problem.smear > 0 else None
     planes = problem.template_layers
     image = np.zeros((len(planes), grid.na, grid.nb), dtype=np.float32)
     if planes:
@@ -61,8 +63,43 @@ def _make_context(problem: Problem) -> _Context:
         for c, z in enumerate(planes):
             sel = np.abs(t.positions[:, 2] - z) < 0.3
             image[c].reshape(-1)[k[sel]] = 1.0
+        image = _smeared(image, grid, kernel)
     n_channels = S * L + len(planes) + S
-    return _Context(dmin, dmax, too_close, near, image, n_channels)
+    return _Context(dmin, dmax, too_close, near, image, n_channels, kernel)
+
+
+def _smear_kernel(grid, width: float) -> np.ndarray:  # noqa: ANN001
+    """Gaussian of `width` A over pixel offsets (di, dj), cut at 3 widths.
+
+    Distances between grid points depend only on their pixel offset, so smearing is a convolution
+    (circular on a periodic grid). A smeared picture varies smoothly when an atom moves by a pixel,
+    which the Hammer group found easier to learn than one-hot pixels.
+    """
+    r = [int(np.ceil(3 * width / s)) for s in grid.spacing]
+    di, dj = np.meshgrid(np.arange(-r[0], r[0] + 1), np.arange(-r[1], r[1] + 1), indexing="ij")
+    d = np.linalg.norm(di[..., None] * grid.pixel[0] + dj[..., None] * grid.pixel[1], axis=-1)
+    g = np.exp(-0.5 * (d / width) ** 2)
+    g[d > 3 * width] = 0.0
+    return g.astype(np.float32)
+
+
+def _smeared(image: np.ndarray, grid, kernel: np.ndarray | None) -> np.ndarray:  # noqa: ANN001
+    """Channels (C, na, nb) of one-hot atoms convolved with the smear kernel, capped at 1."""
+    if kernel is None:
+        return image
+    if grid.periodic:  # circular convolution by FFT, all channels at once
+        ft = grid.__dict__.get("_smear_ft")
+        if ft is None:
+            wrapped = np.zeros((grid.na, grid.nb))
+            r0, r1 = kernel.shape[0] // 2, kernel.shape[1] // 2
+            for (di, dj), g in np.ndenumerate(kernel):
+                wrapped[(di - r0) % grid.na, (dj - r1) % grid.nb] += g
+            ft = grid.__dict__["_smear_ft"] = np.fft.rfft2(wrapped)
+        out = np.fft.irfft2(np.fft.rfft2(image) * ft, s=image.shape[-2:]).astype(np.float32)
+    else:
+        from scipy.ndimage import convolve
+        out = np.stack([convolve(ch, kernel, mode="constant") for ch in image])
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def observation_shape(problem: Problem) -> tuple[int, int, int]:
@@ -90,6 +127,8 @@ def encode_observation(problem: Problem, species: np.ndarray, layers: np.ndarray
     obs = np.zeros((ctx.n_channels, grid.na, grid.nb), dtype=np.float32)
     flat = obs.reshape(ctx.n_channels, -1)
     flat[np.asarray(species, dtype=int) * L + np.asarray(layers, dtype=int), np.asarray(points, dtype=int)] = 1.0
+    if ctx.kernel is not None:
+        obs[:S * L] = _smeared(obs[:S * L], grid, ctx.kernel)
     T = len(ctx.template_image)
     obs[S * L:S * L + T] = ctx.template_image
     bag = np.array([problem.bag[s] for s in problem.species], dtype=np.float32)

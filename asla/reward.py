@@ -219,13 +219,20 @@ def _with_energy(atoms: Atoms, energy: float) -> Atoms:
 class RewardScale:
     """Map energies to rewards in [-1, 1]: 1 at the lowest energy seen, 0 at a high quantile.
 
-    ``r = clip((E_high - E) / (E_high - E_low), -1, 1)``; failed builds get -1. Keep raw energies
-    and recompute, because the scale moves as the search finds lower structures.
+    ``linear``: ``r = clip((E_high - E) / (E_high - E_low), -1, 1)``. ``log``: the distance above the best is
+    compressed, ``r = 1 - log(1 + (E - E_low) / d) / log(1 + (E_high - E_low) / d)`` with
+    ``d = resolution * (E_high - E_low)``, so that structures a fraction of an eV above the best still differ
+    clearly in reward when random builds spread over tens of eV (a Q-network cannot resolve 0.5% of its
+    range). Failed builds get -1. Raw energies are kept and rewards recomputed, because the scale moves as the
+    search finds lower structures.
     """
 
-    def __init__(self, quantile: float = 0.9, window: int = 5000) -> None:
+    def __init__(self, quantile: float = 0.9, window: int = 5000, kind: str = "linear",
+                 resolution: float = 0.01) -> None:
         self.quantile = quantile
         self.window = window
+        self.kind = kind
+        self.resolution = resolution
         self.energies: list[float] = []
         self.low = math.inf
 
@@ -247,9 +254,15 @@ class RewardScale:
         return low, high
 
     def __call__(self, energies) -> np.ndarray:  # noqa: ANN001
-        return rewards(np.asarray(energies, dtype=float), *self.bounds())
+        return rewards(np.asarray(energies, dtype=float), *self.bounds(), kind=self.kind, resolution=self.resolution)
 
 
-def rewards(energies: np.ndarray, low: float, high: float) -> np.ndarray:
-    r = np.clip((high - energies) / (high - low), -1.0, 1.0)
+def rewards(energies: np.ndarray, low: float, high: float, kind: str = "linear", resolution: float = 0.01) -> np.ndarray:
+    if kind == "log":
+        d = resolution * (high - low)
+        above = np.maximum(np.asarray(energies, dtype=float) - low, 0.0)
+        r = 1.0 - np.log1p(above / d) / np.log1p((high - low) / d)
+    else:
+        r = (high - energies) / (high - low)
+    r = np.clip(r, -1.0, 1.0)
     return np.where(np.isfinite(energies), r, -1.0)

@@ -25,7 +25,7 @@ from ase.constraints import FixAtoms
 from ase.optimize import BFGS, FIRE
 
 from asla import load_problem
-from asla.builder import BuildState, encode_action, random_build
+from asla.builder import BuildState, atoms_from_actions, encode_action, random_build
 from asla.calculators import make_calculator
 from asla.problem import shipped_problem_dir
 
@@ -62,12 +62,14 @@ class Search:
             self.log.append(f"{self.n_relax} relaxations: {e:.4f} eV")
         return e, a
 
-    def random_phase(self, seconds: float) -> None:
-        t0 = time.time()
+    def random_phase(self, seconds: float) -> float:
+        """Relax random legal builds for `seconds`; returns the lowest energy this phase reached by itself."""
+        t0, low = time.time(), math.inf
         while time.time() - t0 < seconds:
             s = random_build(self.p, self.rng)
             if s.done:
-                self.relax(s.atoms())
+                low = min(low, self.relax(s.atoms())[0])
+        return low
 
     def basin_hopping(self, seconds: float, kT: float = 0.15) -> None:
         if self.best is None:
@@ -92,6 +94,67 @@ class Search:
             e, relaxed = self.relax(trial)
             if e < cur_e or self.rng.random() < math.exp(-(e - cur_e) / kT):
                 cur, cur_e = relaxed, e
+
+
+def oxide_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
+    """Exhaustive search within one motif of the Pd(100) oxides: Pd in every hollow site (continuing the fcc
+    stacking, middle build layer) and O above a symmetry-distinct choice of the surface's top sites (upper build
+    layer, i.e. in the hollows of the new Pd layer). Each arrangement is scored by a single point on the grid and
+    the `top_k` lowest are relaxed (template fixed).
+
+    The motif is the one of the 2x2 basin-hopping minimum (Pd4O4) and of the best 3x3 structure known; it is a
+    hypothesis for larger cells, so random relaxed builds and basin hopping without it run as well.
+    """
+    p = search.p
+    top_z = p.template.positions[:, 2].max()
+    tops = p.template.positions[np.abs(p.template.positions[:, 2] - top_z) < 0.3]
+    n_pd, n_o = p.bag.get("Pd", 0), p.bag.get("O", 0)
+    if len(tops) != n_pd or n_o > len(tops):
+        return f"motif not applicable ({len(tops)} top sites, bag {p.bag})"
+    a_s = np.sort(np.linalg.norm(tops[1:, :2] - tops[0, :2], axis=1))[0]  # surface lattice constant
+    diag = (p.cell[0, :2] / np.linalg.norm(p.cell[0, :2]) + p.cell[1, :2] / np.linalg.norm(p.cell[1, :2])) * a_s / 2
+    grid, sym = p.grid, p.symmetry
+    upper = int(np.argmax(grid.layer_z))
+    middle = int(np.argsort(grid.layer_z)[1]) if grid.n_layers > 2 else 0
+    hollow_pts = grid.nearest_point(tops + np.append(diag, 0.0))
+    o_sites = grid.nearest_point(tops)
+    # permutations of the O sites under every symmetry operation of grid + template
+    ms, ts = sym.all_ops()
+    mapped = sym.apply(ms, ts, np.broadcast_to(o_sites, (len(ms), len(o_sites))))
+    index = {int(k): n for n, k in enumerate(o_sites)}
+    perms = np.array([[index[int(k)] for k in row] for row in mapped])
+    # canonical (smallest) bitmask of every choice of occupied sites, in chunks
+    from itertools import combinations, islice
+    combos = combinations(range(len(o_sites)), n_o)
+    bits = 1 << np.arange(len(o_sites), dtype=np.int64)
+    unique: set[int] = set()
+    while True:
+        chunk = np.array(list(islice(combos, 200000)), dtype=np.int64)
+        if len(chunk) == 0:
+            break
+        canon = np.full(len(chunk), np.iinfo(np.int64).max)
+        for perm in perms:
+            canon = np.minimum(canon, bits[perm[chunk]].sum(axis=1))
+        unique.update(canon.tolist())
+    # single points on the grid
+    pd_actions = [encode_action(p, p.species.index("Pd"), middle, int(k)) for k in hollow_pts]
+    o_species = p.species.index("O")
+    scored = []
+    for mask in sorted(unique):
+        actions = pd_actions + [encode_action(p, o_species, upper, int(o_sites[n]))
+                                for n in range(len(o_sites)) if mask >> n & 1]
+        atoms = atoms_from_actions(p, actions)
+        atoms.calc = search.calc
+        scored.append((float(atoms.get_potential_energy()), actions))
+        search.n_calls += 1
+    scored.sort(key=lambda r: r[0])
+    for n, (_, actions) in enumerate(scored[:top_k]):
+        search.relax(atoms_from_actions(p, actions))
+        if n % log_every == 0:
+            print(f"  motif: relaxed {n}/{min(top_k, len(scored))}, best {search.best_e:.4f} eV", flush=True)
+    return (f"motif search: Pd in all {len(hollow_pts)} hollow sites, O above every one of the {len(unique)} "
+            f"symmetry-distinct choices of {n_o} of {len(o_sites)} top sites, single points on the grid, the "
+            f"{min(top_k, len(scored))} lowest relaxed")
 
 
 def honeycomb(problem) -> Atoms:
@@ -125,6 +188,8 @@ def main() -> None:
                                                         "pd100-oxide-5x5"])
     ap.add_argument("--minutes", type=float, default=10.0, help="search time per problem (random + basin hopping)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--motif-top-k", type=int, default=0,
+                    help="Pd(100) oxides: relax the K lowest arrangements of the Pd-top/O-hollow motif first (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--no-update", action="store_true", help="do not write the reference into the problem YAML")
     ap.add_argument("--report-only", action="store_true", help="rewrite docs/reference-minima.md from the JSON")
@@ -147,13 +212,18 @@ def main() -> None:
                    f"(BFGS, fmax 0.01): {e:.4f} eV; relaxed random builds lie 15-40 eV higher.")
             search.random_phase(60 * min(args.minutes, 2))
         else:
-            search.random_phase(60 * args.minutes * 0.4)
+            phases = []
+            if args.motif_top_k:
+                phases.append(oxide_motif_phase(search, args.motif_top_k) + f": {search.best_e:.4f} eV")
+            low = search.random_phase(60 * args.minutes * 0.4)
+            phases.append(f"random legal grid builds relaxed with FIRE+BFGS (template fixed), lowest {low:.4f} eV")
             search.basin_hopping(60 * args.minutes * 0.6)
-            how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} force calls, "
-                   f"{(time.time() - t0) / 60:.0f} min): random legal grid builds relaxed with FIRE+BFGS "
-                   f"(template fixed), then basin hopping from the best (kT 0.15 eV; moves of one or two atoms "
-                   f"to random sites, or rattles of all placed atoms); python scripts/reference_minima.py "
-                   f"--problems {name} --minutes {args.minutes:g}.")
+            phases.append(f"basin hopping from the best so far (kT 0.15 eV; moves of one or two atoms to random "
+                          f"sites, or rattles of all placed atoms): {search.best_e:.4f} eV")
+            motif_arg = f" --motif-top-k {args.motif_top_k}" if args.motif_top_k else ""
+            how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
+                   f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
+                   + f". python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}{motif_arg}.")
         prev = results.get(name, {}).get("energy", math.inf)
         structure = f"docs/reference/{name}.extxyz"
         if search.best_e < prev - 1e-6:

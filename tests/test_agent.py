@@ -218,3 +218,15 @@ def test_recipe_can_add_relaxation_before_the_reward(tmp_path):
     assert summary["structures_evaluated"] < summary["energy_evaluations"] <= 4 * summary["structures_evaluated"]
     import yaml
     assert yaml.safe_load((tmp_path / "run" / "problem.yaml").read_text())["relax"]["steps"] == 3
+
+
+def test_evaluation_budget_stops_training_and_fractional_gradient_steps(tmp_path):
+    summary = train(tiny_cfg(episodes=1000, max_evaluations=12, learning={**tiny_cfg()["learning"],
+                                                                          "grad_steps_per_episode": 0.5}),
+                    run_dir=tmp_path / "run", progress=False)
+    assert 12 <= summary["energy_evaluations"] < 12 + TINY["n_builders"]
+    assert summary["episodes"] < 1000
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # the last state is saved when the budget ends
+    meta = json.loads((tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest")
+                       .read_text().strip() / "trainer.json").read_text())
+    assert meta["state"]["grad_credit"] in (0.0, 0.5)

@@ -282,8 +282,9 @@ def test_env_checker_and_random_rollout(name):
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
 
 
-def test_observation_transforms_with_the_lattice_symmetry():
-    p = load_problem("pd100-oxide-3x3")
+@pytest.mark.parametrize("name,smear", [("pd100-oxide-3x3", 0.0), ("pd100-oxide-3x3", 0.4), ("graphene-c24", 0.4)])
+def test_observation_transforms_with_the_lattice_symmetry(name, smear):
+    p = load_problem(name, **{"observation.smear": smear})
     state = random_build(p, np.random.default_rng(3))
     ms, ts = p.symmetry.sample(np.random.default_rng(9), 4)
     for m, t in zip(ms, ts):
@@ -294,7 +295,21 @@ def test_observation_transforms_with_the_lattice_symmetry():
         perm = p.symmetry.apply(m, t, np.arange(p.grid.n_points))
         expected = np.empty_like(obs).reshape(obs.shape[0], -1)
         expected[:, perm] = obs.reshape(obs.shape[0], -1)
-        assert np.array_equal(expected.reshape(obs.shape), obs_moved)
+        assert np.allclose(expected.reshape(obs.shape), obs_moved, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["graphene-c24", "benzene-xtb"])
+def test_smeared_observation_is_a_gaussian_of_the_given_width(name):
+    width = 0.4
+    p = load_problem(name, **{"observation.smear": width})
+    grid = p.grid
+    k = grid.point_index(grid.na // 2, grid.nb // 2)
+    obs = encode_observation(p, np.array([0]), np.array([0]), np.array([k]))[0].reshape(-1)
+    d = grid.min_image_distances(grid.positions[0], grid.positions[0, [k]])[:, 0]
+    expected = np.where(d <= 3 * width, np.exp(-0.5 * (d / width) ** 2), 0.0)
+    assert obs[k] == pytest.approx(1.0, abs=1e-6) and np.allclose(obs, expected, atol=1e-5)
+    with pytest.raises(ProblemError, match="observation.smear"):
+        load_problem(name, **{"observation.smear": -1})
 
 
 def test_illegal_action_places_nothing_and_is_not_punished():
