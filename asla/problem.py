@@ -163,10 +163,17 @@ def load_problem(name_or_path: str | Path | dict | Problem, **overrides: Any) ->
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set a (dotted) field; a mapping is merged into the section it overrides, so {rules: {c_min: 0.8}} keeps c_max."""
     parts = key.split(".")
     for part in parts[:-1]:
         data = data.setdefault(part, {})
-    data[parts[-1]] = value
+    data[parts[-1]] = _merged(data.get(parts[-1]), value)
+
+
+def _merged(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+    return new
 
 
 def _check_keys(section: str, data: dict, allowed: set[str]) -> None:

@@ -92,6 +92,40 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()["cpu"]}
 
 
+def import_training_run(args: argparse.Namespace, problem_name: str, method: str, seed: int, run_dir: Path) -> dict:
+    """The record of an ASLA training run made elsewhere (e.g. by scripts/transfer.py with the same recipe, seed and
+    evaluation budget), judged here like every run: its best-energy improvements are the trace, the basin check
+    the same. Evaluations are the trainer's count, which equals the counting calculator's (tests/test_counting.py);
+    within one build the trainer records the relaxed energy after its last step, so a hit can be placed up to one
+    relaxation (11 evaluations) later than a ledger would place it."""
+    import yaml
+
+    from asla.builder import atoms_from_actions
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if summary["problem"] != problem_name:
+        raise ValueError(f"--import-runs: {run_dir} trained {summary['problem']}, not {problem_name}")
+    problem = load_problem(problem_name)
+    trace = [{"evaluations": h["evaluations"], "seconds": h["seconds"], "energy": h["energy"],
+              "atoms": atoms_from_actions(problem, h["actions"])} for h in summary["history"]]
+    check = bm.first_in_basin(problem, trace, tol=TOL, window=args.window)
+    found = check["found"]
+    return {"problem": problem_name, "method": method, "seed": seed, "budget": cfg.get("max_evaluations"),
+            "window": args.window, "tol": TOL, "reference_energy": problem.reference_energy, "command": args.command,
+            "status": "done", "found_at_evaluations": found["evaluations"] if found else None,
+            "found_at_seconds": found["seconds"] if found else None,
+            "evaluations_spent": summary["energy_evaluations"], "wall_seconds": summary["seconds"],
+            "best_energy": summary["best_energy"], "best_relaxed_energy": check.get("best_relaxed_energy"),
+            "found_energy": found["energy"] if found else None,
+            "found_relaxed_energy": found["relaxed_energy"] if found else None,
+            "basin_check": {"relaxations": check["relaxations"], "seconds": check["seconds"]},
+            "settings": {"imported_from": str(run_dir), "trained_with": cfg.get("command"),
+                         "recipe_problem_overrides": cfg.get("problem_overrides"), "init_from": cfg.get("init_from")},
+            "notes": ["imported training run (--import-runs)"],
+            "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in trace],
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()["cpu"]}
+
+
 def load_record(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -294,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"each method briefly: {QUICK['problems']}, {QUICK['seeds']} seed, budget {QUICK['budget']} "
                          f"(GOFEE {QUICK['gofee_budget']})")
     ap.add_argument("--report-only", action="store_true", help="remake the report from finished runs; run nothing")
+    ap.add_argument("--import-runs", nargs="+", default=[], metavar="METHOD=RUN_DIR_PATTERN",
+                    help="judge ASLA training runs made elsewhere as this method's runs, e.g. "
+                         "asla=runs/transfer/scratch-s{seed} (with one --problems); run nothing else")
     args = ap.parse_args(argv)
     args.command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -312,6 +349,23 @@ def main(argv: list[str] | None = None) -> int:
         if load_problem(p).reference_energy is None:  # (load_problem also fails early on an unknown name)
             print(f"{p}: no reference energy yet (scripts/reference_minima.py); its runs are skipped", flush=True)
             skips.update({(p, m): "skipped: the problem has no reference energy yet" for m in args.methods})
+    if args.import_runs:
+        if len(args.problems) != 1:
+            ap.error("--import-runs: give exactly one problem with --problems")
+        for item in args.import_runs:
+            method, _, pattern = item.partition("=")
+            if method not in bm.ASLA_METHODS or "{seed}" not in pattern:
+                ap.error(f"--import-runs: expected METHOD=PATTERN with {{seed}}, METHOD one of "
+                         f"{', '.join(bm.ASLA_METHODS)}; got {item!r}")
+            for s in seeds:
+                run_dir = Path(pattern.format(seed=s))
+                if (run_dir / "summary.json").exists():
+                    rec = import_training_run(args, args.problems[0], method, s, run_dir)
+                    write_json(record_path(results, args.problems[0], method, s), rec)
+                    print(f"imported {run_dir} as {method} seed {s}: found "
+                          f"{rec['found_at_evaluations'] if rec['found_at_evaluations'] is not None else 'no'}",
+                          flush=True)
+        args.report_only = True
     failures = 0
     jobs = [(p, m, s) for p in args.problems for m in args.methods for s in seeds]
     for n, (p, m, s) in enumerate(jobs, 1):
