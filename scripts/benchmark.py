@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,12 +75,6 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
             outcome = bm.run_method(method, problem_name, seed, budget, Path(tmp), quick=args.quick)
         except bm.Skipped as skip:
             return {**base, "status": str(skip)}
-        trained = Path(tmp) / "asla"
-        if (trained / "agent.json").exists():  # keep the trained agent (small) beside the record
-            for suffix in (".json", ".safetensors"):
-                dest = record_path(Path(args.results), problem_name, method, seed).with_suffix("")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(trained / f"agent{suffix}", f"{dest}-agent{suffix}")
     ledger = outcome.ledger
     check = bm.first_in_basin(problem, ledger.trace, tol=TOL, window=args.window)
     found = check["found"]
