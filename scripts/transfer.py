@@ -138,12 +138,11 @@ def main() -> None:
 
     _write_outputs(report, runs, target_p, out)
     if args.ship and not args.quick:
-        dest = Path(__file__).resolve().parents[1] / "agents" / "pretrained"
-        for name, src in ((args.source, source_agent), (args.target, _best_transfer_agent(runs, report))):
+        from ship_agent import ship
+        for name, src in ((args.source, runs / "source"), (args.target, _best_transfer_run(runs, report))):
             if src is not None:
-                for suffix in (".safetensors", ".json"):
-                    shutil.copyfile(Path(str(src) + suffix), dest / f"{name}{suffix}")
-        print(f"shipped agents to {dest}")
+                ship(src, name)
+        print("shipped agents to agents/pretrained/")
 
 
 def _overrides(summary: dict) -> dict:
@@ -160,12 +159,11 @@ def _write_outputs(report: dict, runs: Path, target_p, out: Path) -> None:  # no
     _markdown(report, budget, out / "transfer.md")
 
 
-def _best_transfer_agent(runs: Path, report: dict) -> Path | None:
+def _best_transfer_run(runs: Path, report: dict) -> Path | None:
     rows = [(r["found"]["evaluations"] if r["found"] else math.inf, r["best_relaxed"], r["seed"]) for r in report["transfer"]]
     if not rows:
         return None
-    seed = min(rows)[2]
-    return runs / f"transfer-s{seed}" / "agent"
+    return runs / f"transfer-s{min(rows)[2]}"
 
 
 def _plot(report: dict, budget: int, path: Path) -> None:
