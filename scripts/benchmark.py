@@ -119,7 +119,7 @@ def import_training_run(args: argparse.Namespace, problem_name: str, method: str
             "found_energy": found["energy"] if found else None,
             "found_relaxed_energy": found["relaxed_energy"] if found else None,
             "basin_check": {"relaxations": check["relaxations"], "seconds": check["seconds"]},
-            "settings": {"imported_from": str(run_dir), "trained_with": cfg.get("command"),
+            "settings": {"imported_from": os.path.relpath(run_dir.resolve()), "trained_with": cfg.get("command"),
                          "recipe_problem_overrides": cfg.get("problem_overrides"), "init_from": cfg.get("init_from")},
             "notes": ["imported training run (--import-runs)"],
             "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in trace],
