@@ -46,7 +46,8 @@ class EvaluationBudgetExhausted(BaseException):
 class Ledger:
     """Evaluations charged so far, an optional budget, and the trace of improvements of the best energy."""
 
-    limit: int | None = None
+    limit: int | None = None  # evaluations after which the wrapped calculator stops the search
+    budget: int | None = None  # the run's budget, for a search that stops itself (a training run) where limit is None
     keep_trace: bool = True
     count: int = 0
     best_energy: float = math.inf

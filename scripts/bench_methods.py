@@ -35,6 +35,7 @@ from asla.problem import Problem
 ASLA_METHODS = ("asla", "asla-transfer", "asla-zeroshot", "random")
 AGOX_METHODS = ("rss", "bh", "gofee")
 METHODS = ASLA_METHODS + AGOX_METHODS
+TRAINING_METHODS = ("asla", "asla-transfer")
 LABELS = {"asla": "ASLA (scratch)", "asla-transfer": "ASLA (transfer)", "asla-zeroshot": "ASLA (pretrained, zero-shot)",
           "random": "random builder (floor)", "rss": "AGOX RSS + relaxation", "bh": "AGOX basin hopping",
           "gofee": "AGOX GOFEE"}
@@ -71,7 +72,10 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
         raise ValueError(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     prepare(method)  # one-off costs of the process (imports, Ray) stay out of the run's wall time
     ledger_name = f"bench-{uuid.uuid4().hex}"
-    ledger = open_ledger(ledger_name, limit=budget)
+    # A training run stops itself at the end of the batch that spends the budget (max_evaluations), so that it
+    # ends cleanly and its agent is saved; the few evaluations past the budget are counted but never judged.
+    ledger = open_ledger(ledger_name, limit=None if method in TRAINING_METHODS else budget)
+    ledger.budget = budget
     work_dir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome(ledger=ledger, wall_seconds=0.0)
     t0 = time.perf_counter()
@@ -126,12 +130,12 @@ def _train(cfg: dict, work_dir: Path, outcome: Outcome, init_from: str | None = 
     outcome.settings.update({"recipe": f"configs/{cfg['problem']}.yaml", "problem_overrides":
                              {k: v for k, v in cfg["problem_overrides"].items() if k != "calculator"},
                              "n_builders": cfg["n_builders"], "init_from": init_from, "executor": "serial",
-                             "stop": "max_evaluations (checked per batch) and the ledger's budget (mid-batch)"})
+                             "stop": "max_evaluations: at the end of the batch that spends the budget; evaluations past it are not judged"})
     train(cfg, run_dir=work_dir / "asla", init_from=init_from, progress=False)
 
 
 def _asla(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome, **_: Any) -> None:
-    _train(_asla_config(name, seed, outcome.ledger.limit, ledger_name), work_dir, outcome)
+    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name), work_dir, outcome)
 
 
 def _pretrained(agent_name: str) -> str:
@@ -148,7 +152,7 @@ def _asla_transfer(*, name: str, seed: int, ledger_name: str, work_dir: Path, ou
     if source is None:
         raise Skipped(f"skipped: no transfer source for {name} (transfer is {', '.join(f'{v} -> {k}' for k, v in TRANSFER_SOURCE.items())})")
     path = _pretrained(source)
-    _train(_asla_config(name, seed, outcome.ledger.limit, ledger_name), work_dir, outcome, init_from=path)
+    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name), work_dir, outcome, init_from=path)
 
 
 def _zero_shot(*, name: str, seed: int, ledger_name: str, outcome: Outcome, **_: Any) -> None:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,20 +76,27 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
             outcome = bm.run_method(method, problem_name, seed, budget, Path(tmp), quick=args.quick)
         except bm.Skipped as skip:
             return {**base, "status": str(skip)}
+        trained = Path(tmp) / "asla"
+        if (trained / "agent.json").exists():  # keep the trained agent (half a MB) beside the record
+            dest = record_path(Path(args.results), problem_name, method, seed).with_suffix("")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in (".json", ".safetensors"):
+                shutil.copyfile(trained / f"agent{suffix}", f"{dest}-agent{suffix}")
     ledger = outcome.ledger
-    check = bm.first_in_basin(problem, ledger.trace, tol=TOL, window=args.window)
+    trace = [row for row in ledger.trace if row["evaluations"] <= budget]  # judged within the budget only
+    check = bm.first_in_basin(problem, trace, tol=TOL, window=args.window)
     found = check["found"]
     return {**base, "status": "done",
             "found_at_evaluations": found["evaluations"] if found else None,
             "found_at_seconds": found["seconds"] if found else None,
             "evaluations_spent": ledger.count, "wall_seconds": outcome.wall_seconds,
-            "best_energy": ledger.best_energy if math.isfinite(ledger.best_energy) else None,
+            "best_energy": trace[-1]["energy"] if trace else None,
             "best_relaxed_energy": check.get("best_relaxed_energy"),
             "found_energy": found["energy"] if found else None,
             "found_relaxed_energy": found["relaxed_energy"] if found else None,
             "basin_check": {"relaxations": check["relaxations"], "seconds": check["seconds"]},
             "settings": outcome.settings, "notes": outcome.notes,
-            "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in ledger.trace],
+            "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in trace],
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()["cpu"]}
 
 

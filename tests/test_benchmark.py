@@ -45,11 +45,15 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
         rec = json.loads(path.read_text())
         records[method] = rec
         assert rec["budget"] == budget
-        assert 0 < rec["evaluations_spent"] <= budget
+        # a training run ends at the end of the batch that spends the budget (8 builds x 11 evaluations at most);
+        # what it spends past the budget is counted but never judged
+        slack = 8 * 11 if method == "asla" else 0
+        assert 0 < rec["evaluations_spent"] <= budget + slack
         assert rec["best_energy"] is not None and rec["best_relaxed_energy"] <= rec["best_energy"] + 1e-6
-        assert rec["trace"] and rec["trace"][-1][0] <= rec["evaluations_spent"]
+        assert rec["trace"] and rec["trace"][-1][0] <= min(rec["evaluations_spent"], budget)
         assert rec["found_at_evaluations"] is None or rec["found_at_evaluations"] <= budget
     assert records["gofee"]["settings"]["iterations"] >= 2
+    assert (results / "pd100-oxide-2x2" / "asla-s0-agent.safetensors").exists()  # the trained agent is kept
     md = (out / "benchmarks.md").read_text()
     for label in ("ASLA (scratch)", "random builder (floor)", "AGOX RSS", "AGOX basin hopping", "AGOX GOFEE"):
         assert any(line.startswith(f"| {label}") for line in md.splitlines()), label
