@@ -36,16 +36,27 @@ from asla.builder import atoms_from_actions
 
 def run(recipe: str, problem_name: str, run_dir: Path, seed: int, evaluations: int, init_from: str | None = None,
         extra: list[str] | None = None) -> dict:
-    """One training run stopped at an evaluation budget; 'found' by the basin criterion on its improvements."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    """One training run stopped at an evaluation budget; 'found' by the basin criterion on its improvements.
+
+    An interrupted script loses nothing: a run that already spent its budget with the same settings is judged
+    again from its directory, and a run that was cut short resumes from its last checkpoint."""
     sets = [f"seed={seed}", f"max_evaluations={evaluations}", "episodes=1000000", "log_images_every=1000000",
             *(extra or [])]
     command = " ".join(["asla train", recipe, *[f"--set {x}" for x in sets], f"--run-dir {run_dir}",
                         *([f"--init-from {init_from}"] if init_from else [])])
     cfg = load_config(recipe, sets + [f"command={command}"])
     t0 = time.perf_counter()
-    summary = train(cfg, run_dir=run_dir, init_from=init_from, progress=False)
+    state = _previous_run(run_dir, command)
+    if state == "finished":
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"  {run_dir}: finished earlier with the same command, judged again", flush=True)
+    elif state == "interrupted":
+        print(f"  {run_dir}: resuming from its last checkpoint", flush=True)
+        summary = train(cfg, run_dir=run_dir, resume=True, progress=False)
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        summary = train(cfg, run_dir=run_dir, init_from=init_from, progress=False)
     problem = load_problem(problem_name, **cfg["problem_overrides"])
     found = first_found(problem, summary["history"], window=5.0)
     best_relaxed = relaxed_energy(problem, atoms_from_actions(problem, summary["best_actions"])) \
@@ -53,6 +64,23 @@ def run(recipe: str, problem_name: str, run_dir: Path, seed: int, evaluations: i
     return {"seed": seed, "episodes": summary["episodes"], "evaluations": summary["energy_evaluations"],
             "best_energy": summary["best_energy"], "best_relaxed": best_relaxed, "found": found, "command": command,
             "wall_seconds": time.perf_counter() - t0, "episodes_per_second": summary["episodes_per_second"]}
+
+
+def _previous_run(run_dir: Path, command: str) -> str:
+    """'finished', 'interrupted' or 'none': only a run made by the very same command is reused."""
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return "none"
+    if not isinstance(cfg, dict) or cfg.get("command") != command:
+        return "none"
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("energy_evaluations", 0) >= int(cfg.get("max_evaluations") or 0) > 0:
+            return "finished"
+    return "interrupted" if (run_dir / "checkpoints" / "latest").exists() else "none"
 
 
 def build_report(agent: Agent, problem, n: int, epsilon: float, seed: int) -> list[dict]:
