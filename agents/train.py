@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,8 +67,12 @@ class TrainState:
 
 
 def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = False,
-          init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None) -> dict:
-    """Train an agent; returns the run summary. Resumes from run_dir's last checkpoint if asked."""
+          init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+    """Train an agent; returns the run summary. Resumes from run_dir's last checkpoint if asked.
+
+    `on_checkpoint(directory)` may add files to each checkpoint before it is published, so that a caller's own
+    state (e.g. a benchmark's evaluation ledger) resumes together with the trainer's."""
     # ---- configuration and run directory --------------------------------------------------
     if resume:
         if run_dir is None:
@@ -243,11 +247,13 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
             if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"] or out_of_budget:
                 t0 = time.perf_counter()
                 next_checkpoint += cfg["checkpoint_every"]
-                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng)
+                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng,
+                                 on_checkpoint)
                 writer.flush()
                 state.timing["checkpoint"] += time.perf_counter() - t0
             if cfg["stop_at_reference"] and state.found_reference_at is not None:
-                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng)
+                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng,
+                                 on_checkpoint)
                 break
             if cfg.get("_stop_after_episodes") and state.episodes >= cfg["_stop_after_episodes"]:
                 break  # for tests of kill-and-resume
@@ -346,7 +352,8 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
 
 
 def _save_checkpoint(run_dir: Path, cfg: dict, problem, agent: Agent, optimizer, replay: ReplayBuffer,
-                     evaluator: EnergyEvaluator, scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
+                     evaluator: EnergyEvaluator, scale: RewardScale, state: TrainState, rng: np.random.Generator,
+                     on_checkpoint: Callable[[Path], None] | None = None) -> None:
     """Write everything into a fresh directory, then move the 'latest' pointer atomically."""
     ckdir = run_dir / "checkpoints"
     name = f"ckpt-{state.episodes:08d}"
@@ -372,6 +379,8 @@ def _save_checkpoint(run_dir: Path, cfg: dict, problem, agent: Agent, optimizer,
             "scale": {"energies": scale.energies, "low": scale.low if math.isfinite(scale.low) else None},
             "state": state.to_dict(), "rng": rng.bit_generator.state}
     save_tensors(target / "trainer", tensors, meta)
+    if on_checkpoint is not None:
+        on_checkpoint(target)
     atomic_write_text(ckdir / "latest", name + "\n")
     for f in ("agent.safetensors", "agent.json"):
         shutil.copyfile(target / f, run_dir / f".{f}.tmp")

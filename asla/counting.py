@@ -66,6 +66,23 @@ class Ledger:
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
 
+    def state_dict(self) -> dict:
+        """What a resumed search needs to go on counting where it stopped (JSON-able; atoms as plain arrays)."""
+        trace = [{"evaluations": r["evaluations"], "seconds": r["seconds"], "energy": r["energy"],
+                  "numbers": r["atoms"].numbers.tolist(), "positions": r["atoms"].positions.tolist(),
+                  "cell": r["atoms"].cell.array.tolist(), "pbc": r["atoms"].pbc.tolist()} for r in self.trace]
+        return {"limit": self.limit, "budget": self.budget, "count": self.count, "seconds": self.seconds,
+                "best_energy": self.best_energy if math.isfinite(self.best_energy) else None, "trace": trace}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the count, the best energy, the trace, and the clock (seconds run so far)."""
+        self.limit, self.budget, self.count = state["limit"], state["budget"], int(state["count"])
+        self.best_energy = math.inf if state["best_energy"] is None else float(state["best_energy"])
+        self.trace = [{"evaluations": r["evaluations"], "seconds": r["seconds"], "energy": r["energy"],
+                       "atoms": Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"])}
+                      for r in state["trace"]]
+        self.t0 = time.perf_counter() - float(state["seconds"])
+
     def charge(self) -> None:
         if self.exhausted:
             raise EvaluationBudgetExhausted(f"budget of {self.limit} evaluations spent")

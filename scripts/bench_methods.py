@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import math
 import os
+import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from asla import load_problem
 from asla.basin import relaxed_energy
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
 from asla.problem import Problem
+from asla.storage import write_json
 
 ASLA_METHODS = ("asla", "asla-transfer", "asla-zeroshot", "random")
 AGOX_METHODS = ("rss", "bh", "gofee")
@@ -39,11 +41,16 @@ TRAINING_METHODS = ("asla", "asla-transfer")
 LABELS = {"asla": "ASLA (scratch)", "asla-transfer": "ASLA (transfer)", "asla-zeroshot": "ASLA (pretrained, zero-shot)",
           "random": "random builder (floor)", "rss": "AGOX RSS + relaxation", "bh": "AGOX basin hopping",
           "gofee": "AGOX GOFEE"}
-# Transfer and zero-shot agents: the 5x5 cell starts from the 3x3 agent; other problems from their own agent.
+# Transfer and zero-shot agents come from another problem (an agent on its own training problem proves nothing):
+# the 5x5 cell from the 3x3 agent, the 3x3 cell from the 5x5 agent, the 2x2 cell from the 3x3 agent. The graphene
+# agents cannot cross calculators: the xTB and Tersoff cells differ in lattice constant, so their pixels differ.
 TRANSFER_SOURCE = {"pd100-oxide-5x5": "pd100-oxide-3x3"}
-ZERO_SHOT_AGENT = {"pd100-oxide-5x5": "pd100-oxide-3x3"}
+ZERO_SHOT_AGENT = {"pd100-oxide-5x5": "pd100-oxide-3x3", "pd100-oxide-3x3": "pd100-oxide-5x5",
+                   "pd100-oxide-2x2": "pd100-oxide-3x3"}
 ZERO_SHOT_EPSILON = 0.1
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CHECKPOINT_EVERY = 200  # episodes between a training run's checkpoints: a killed benchmark resumes from the last
+LEDGER_FILE = "ledger.json"
 BUILD_BATCH = 8          # builds per batch for the random floor and zero-shot (as ASLA's n_builders)
 STALL_BATCHES = 200      # batches without a new evaluation: every build is a cache hit; stop
 
@@ -58,6 +65,7 @@ class Outcome:
     wall_seconds: float
     settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    resumed_seconds: float = 0.0  # wall seconds the run had spent before it was resumed from a checkpoint
 
 
 def recipe_overrides(name: str) -> dict:
@@ -71,7 +79,8 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
     if method not in METHODS:
         raise ValueError(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     prepare(method)  # one-off costs of the process (imports, Ray) stay out of the run's wall time
-    ledger_name = f"bench-{uuid.uuid4().hex}"
+    # Named by the run, not at random: a training run's config (and so its checkpoint) names its ledger.
+    ledger_name = f"bench-{name}-{method}-s{seed}"
     # A training run stops itself at the end of the batch that spends the budget (max_evaluations), so that it
     # ends cleanly and its agent is saved; the few evaluations past the budget are counted but never judged.
     ledger = open_ledger(ledger_name, limit=None if method in TRAINING_METHODS else budget)
@@ -88,7 +97,7 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
         except EvaluationBudgetExhausted:
             pass
     finally:
-        outcome.wall_seconds = time.perf_counter() - t0
+        outcome.wall_seconds = time.perf_counter() - t0 + outcome.resumed_seconds
         close_ledger(ledger_name)
     return outcome
 
@@ -119,19 +128,43 @@ def _asla_config(name: str, seed: int, budget: int | None, ledger_name: str) -> 
     from agents.config import load_config
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), [
         f"seed={seed}", "episodes=100000000", "log_images_every=100000000", "record_evaluations=false",
-        "checkpoint_every=100000000", "executor=serial", *([f"max_evaluations={budget}"] if budget else [])])
+        f"checkpoint_every={CHECKPOINT_EVERY}", "executor=serial", *([f"max_evaluations={budget}"] if budget else [])])
     base = load_problem(name, **cfg["problem_overrides"])
     cfg["problem_overrides"] = {**cfg["problem_overrides"], "calculator": counting_spec(base.calculator, ledger_name)}
     return cfg
 
 
 def _train(cfg: dict, work_dir: Path, outcome: Outcome, init_from: str | None = None) -> None:
+    """Train until the budget; a run killed midway resumes from its last checkpoint, ledger and clock included."""
     from agents.train import train
     outcome.settings.update({"recipe": f"configs/{cfg['problem']}.yaml", "problem_overrides":
                              {k: v for k, v in cfg["problem_overrides"].items() if k != "calculator"},
                              "n_builders": cfg["n_builders"], "init_from": init_from, "executor": "serial",
                              "stop": "max_evaluations: at the end of the batch that spends the budget; evaluations past it are not judged"})
-    train(cfg, run_dir=work_dir / "asla", init_from=init_from, progress=False)
+    run_dir, ledger = work_dir / "asla", outcome.ledger
+
+    def save_ledger(checkpoint: Path) -> None:
+        write_json(checkpoint / LEDGER_FILE, ledger.state_dict())
+
+    saved = _checkpointed_ledger(run_dir)
+    if saved is not None and saved["budget"] == ledger.budget:
+        ledger.load_state_dict(saved)  # its clock goes on from the seconds already run; run_method's too:
+        outcome.resumed_seconds = float(saved["seconds"])
+        outcome.notes.append(f"resumed from its checkpoint at {ledger.count} evaluations, "
+                             f"{outcome.resumed_seconds:.0f} s")
+        train(None, run_dir=run_dir, resume=True, progress=False, on_checkpoint=save_ledger)
+        return
+    if run_dir.exists():  # a start without a usable checkpoint (or for another budget): start afresh
+        shutil.rmtree(run_dir)
+    train(cfg, run_dir=run_dir, init_from=init_from, progress=False, on_checkpoint=save_ledger)
+
+
+def _checkpointed_ledger(run_dir: Path) -> dict | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    try:
+        return json.loads((run_dir / "checkpoints" / pointer.read_text().strip() / LEDGER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _asla(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome, **_: Any) -> None:
@@ -158,7 +191,10 @@ def _asla_transfer(*, name: str, seed: int, ledger_name: str, work_dir: Path, ou
 def _zero_shot(*, name: str, seed: int, ledger_name: str, outcome: Outcome, **_: Any) -> None:
     from agents.agent import Agent
     from asla.reward import EnergyEvaluator
-    agent_name = ZERO_SHOT_AGENT.get(name, name)
+    agent_name = ZERO_SHOT_AGENT.get(name)
+    if agent_name is None:
+        raise Skipped(f"skipped: no pretrained agent from another problem for {name} (zero-shot is "
+                      f"{', '.join(f'{v} -> {k}' for k, v in ZERO_SHOT_AGENT.items())})")
     agent = Agent.load(_pretrained(agent_name))
     problem = _counting_problem(name, ledger_name)
     evaluator = EnergyEvaluator(problem)

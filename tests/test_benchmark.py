@@ -37,7 +37,7 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
     cmd = [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(out), "--results", str(results)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    budgets = {"asla": 60, "random": 60, "rss": 60, "bh": 60, "gofee": 6}
+    budgets = {"asla": 60, "asla-zeroshot": 60, "random": 60, "rss": 60, "bh": 60, "gofee": 6}
     records = {}
     for method, budget in budgets.items():
         path = results / "pd100-oxide-2x2" / f"{method}-s0.json"
@@ -57,7 +57,8 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
     md = (out / "benchmarks.md").read_text()
     for label in ("ASLA (scratch)", "random builder (floor)", "AGOX RSS", "AGOX basin hopping", "AGOX GOFEE"):
         assert any(line.startswith(f"| {label}") for line in md.splitlines()), label
-    assert "skipped: no pretrained agent" in md  # zero-shot until an agent is shipped
+    assert records["asla-zeroshot"]["settings"]["agent"] == "pd100-oxide-3x3"  # an agent of another cell
+    assert "skipped: no transfer source for pd100-oxide-2x2" in md
     assert "agox 3." in md and (out / "benchmarks-pd100-oxide-2x2.png").stat().st_size > 10_000
     report = json.loads((out / "benchmarks.json").read_text())
     assert report["problems"]["pd100-oxide-2x2"]["reference_energy"] == load_problem("pd100-oxide-2x2").reference_energy
@@ -68,3 +69,44 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
     for method in budgets:
         rec = json.loads((results / "pd100-oxide-2x2" / f"{method}-s0.json").read_text())
         assert rec["finished"] == records[method]["finished"]
+
+    # a new machine extends the committed report: its runs are restored as records, so nothing is rerun
+    fresh = tmp_path / "fresh-runs"
+    restored = subprocess.run(cmd[:-1] + [str(fresh), "--restore-from", str(out / "benchmarks.json")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert f"restored {len(budgets)} finished runs" in restored.stdout and " seed 0:" not in restored.stdout
+    assert json.loads((fresh / "pd100-oxide-2x2" / "bh-s0.json").read_text()) == records["bh"]
+
+
+def test_a_killed_asla_benchmark_run_resumes_from_its_checkpoint_with_the_same_trace(tmp_path):
+    """kill -9 during training, run the same command again: the run goes on from its last checkpoint, counted and
+    judged as if it had not been interrupted (same evaluations, same best energies at the same counts)."""
+    import os
+    import signal
+    import time
+
+    def cmd(results):
+        return [sys.executable, "scripts/benchmark.py", "--quick", "--methods", "asla", "--budget", "300",
+                "--checkpoint-every", "8", "--out", str(tmp_path / "out"), "--results", str(results)]
+
+    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    work = tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.work" / "asla" / "checkpoints"
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list(work.glob("ckpt-00000016/ledger.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.json").exists()
+    again = subprocess.run(cmd(tmp_path / "cut"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = json.loads((tmp_path / "whole" / "pd100-oxide-2x2" / "asla-s0.json").read_text())
+    b = json.loads((tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.json").read_text())
+    assert any(note.startswith("resumed from its checkpoint") for note in b["notes"])
+    assert b["evaluations_spent"] == a["evaluations_spent"]
+    assert [(e, round(en, 6)) for e, _, en in b["trace"]] == [(e, round(en, 6)) for e, _, en in a["trace"]]
+    assert [t for _, t, _ in b["trace"]] == sorted(t for _, t, _ in b["trace"])  # the clock went on, not restarted
+    assert not (tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.work").exists()  # checkpoints gone with the record
