@@ -390,12 +390,19 @@ def _save_checkpoint(run_dir: Path, cfg: dict, problem, agent: Agent, optimizer,
     write_json(run_dir / "summary.json", _summary(cfg, problem, state, evaluator))
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The directory the 'latest' pointer publishes (None before the first checkpoint)."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    return pointer.parent / pointer.read_text().strip()
+
+
 def _load_checkpoint(run_dir: Path, agent: Agent, optimizer, replay: ReplayBuffer, evaluator: EnergyEvaluator,
                      scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
+    target = latest_checkpoint(run_dir)
+    if target is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet (checkpoints/latest missing); start it afresh")
-    target = run_dir / "checkpoints" / pointer.read_text().strip()
     saved = Agent.load(target / "agent")
     agent.net.load_state_dict(saved.net.state_dict())
     agent.card.update(saved.card)

@@ -74,7 +74,8 @@ def recipe_overrides(name: str) -> dict:
     return dict(load_config(str(CONFIGS / f"{name}.yaml"), [])["problem_overrides"])
 
 
-def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, quick: bool = False) -> Outcome:
+def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, quick: bool = False,
+               checkpoint_every: int = CHECKPOINT_EVERY) -> Outcome:
     """Run one (method, problem, seed) with `budget` evaluations; the ledger holds what it did."""
     if method not in METHODS:
         raise ValueError(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -93,7 +94,7 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
                                        "random": _random_floor, "rss": _agox, "bh": _agox, "gofee": _agox}[method]
         try:
             runner(method=method, name=name, seed=seed, ledger_name=ledger_name, work_dir=work_dir,
-                   outcome=outcome, quick=quick)
+                   outcome=outcome, quick=quick, checkpoint_every=checkpoint_every)
         except EvaluationBudgetExhausted:
             pass
     finally:
@@ -124,11 +125,12 @@ def _counting_problem(name: str, ledger_name: str) -> Problem:
     return load_problem(name, **{**overrides, "calculator": counting_spec(base.calculator, ledger_name)})
 
 
-def _asla_config(name: str, seed: int, budget: int | None, ledger_name: str) -> dict:
+def _asla_config(name: str, seed: int, budget: int | None, ledger_name: str,
+                 checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
     from agents.config import load_config
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), [
         f"seed={seed}", "episodes=100000000", "log_images_every=100000000", "record_evaluations=false",
-        f"checkpoint_every={CHECKPOINT_EVERY}", "executor=serial", *([f"max_evaluations={budget}"] if budget else [])])
+        f"checkpoint_every={checkpoint_every}", "executor=serial", *([f"max_evaluations={budget}"] if budget else [])])
     base = load_problem(name, **cfg["problem_overrides"])
     cfg["problem_overrides"] = {**cfg["problem_overrides"], "calculator": counting_spec(base.calculator, ledger_name)}
     return cfg
@@ -160,15 +162,28 @@ def _train(cfg: dict, work_dir: Path, outcome: Outcome, init_from: str | None = 
 
 
 def _checkpointed_ledger(run_dir: Path) -> dict | None:
-    pointer = run_dir / "checkpoints" / "latest"
+    from agents.train import latest_checkpoint
+    checkpoint = latest_checkpoint(run_dir)
     try:
-        return json.loads((run_dir / "checkpoints" / pointer.read_text().strip() / LEDGER_FILE).read_text())
+        return json.loads((checkpoint / LEDGER_FILE).read_text()) if checkpoint else None
     except (OSError, ValueError):
         return None
 
 
-def _asla(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome, **_: Any) -> None:
-    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name), work_dir, outcome)
+def _asla(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome,
+          checkpoint_every: int = CHECKPOINT_EVERY, **_: Any) -> None:
+    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name, checkpoint_every), work_dir, outcome)
+
+
+def pretrained_source(method: str, name: str) -> str:
+    """The path of the agent from another problem that `method` (asla-transfer or asla-zeroshot) starts from on
+    problem `name`; Skipped (with the reason the report shows) when there is none."""
+    sources = TRANSFER_SOURCE if method == "asla-transfer" else ZERO_SHOT_AGENT
+    if name not in sources:
+        what = "transfer source" if method == "asla-transfer" else "pretrained agent from another problem"
+        raise Skipped(f"skipped: no {what} for {name} ({method} is "
+                      f"{', '.join(f'{v} -> {k}' for k, v in sources.items())})")
+    return _pretrained(sources[name])
 
 
 def _pretrained(agent_name: str) -> str:
@@ -180,22 +195,18 @@ def _pretrained(agent_name: str) -> str:
         raise Skipped(f"skipped: no pretrained agent {agent_name}") from None
 
 
-def _asla_transfer(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome, **_: Any) -> None:
-    source = TRANSFER_SOURCE.get(name)
-    if source is None:
-        raise Skipped(f"skipped: no transfer source for {name} (transfer is {', '.join(f'{v} -> {k}' for k, v in TRANSFER_SOURCE.items())})")
-    path = _pretrained(source)
-    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name), work_dir, outcome, init_from=path)
+def _asla_transfer(*, name: str, seed: int, ledger_name: str, work_dir: Path, outcome: Outcome,
+                   checkpoint_every: int = CHECKPOINT_EVERY, **_: Any) -> None:
+    path = pretrained_source("asla-transfer", name)
+    _train(_asla_config(name, seed, outcome.ledger.budget, ledger_name, checkpoint_every), work_dir, outcome,
+           init_from=path)
 
 
 def _zero_shot(*, name: str, seed: int, ledger_name: str, outcome: Outcome, **_: Any) -> None:
     from agents.agent import Agent
     from asla.reward import EnergyEvaluator
     agent_name = ZERO_SHOT_AGENT.get(name)
-    if agent_name is None:
-        raise Skipped(f"skipped: no pretrained agent from another problem for {name} (zero-shot is "
-                      f"{', '.join(f'{v} -> {k}' for k, v in ZERO_SHOT_AGENT.items())})")
-    agent = Agent.load(_pretrained(agent_name))
+    agent = Agent.load(pretrained_source("asla-zeroshot", name))
     problem = _counting_problem(name, ledger_name)
     evaluator = EnergyEvaluator(problem)
     outcome.settings.update({"agent": agent_name, "epsilon": ZERO_SHOT_EPSILON, "batch": BUILD_BATCH,

@@ -103,7 +103,8 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{problem_name}-{method}-s{seed}-")))
         try:
-            outcome = bm.run_method(method, problem_name, seed, budget, work, quick=args.quick)
+            outcome = bm.run_method(method, problem_name, seed, budget, work, quick=args.quick,
+                                    checkpoint_every=args.checkpoint_every)
         except bm.Skipped as skip:
             return {**base, "status": str(skip)}
         trained = work / "asla"
@@ -407,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
     seeds = list(range(args.seeds or 10))
     results = Path(args.results)
-    bm.CHECKPOINT_EVERY = args.checkpoint_every
     if args.restore_from:
         print(f"restored {restore_records(Path(args.restore_from), results)} finished runs from {args.restore_from}",
               flush=True)
@@ -465,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             if m in args.methods and (p, m) not in skips and not any(
                     record_path(results, p, m, s).exists() for s in seeds):
                 try:
-                    sources = bm.TRANSFER_SOURCE if m == "asla-transfer" else bm.ZERO_SHOT_AGENT
-                    if p not in sources:
-                        raise bm.Skipped(f"skipped: no {'transfer source' if m == 'asla-transfer' else 'pretrained agent from another problem'} for {p}")
-                    bm._pretrained(sources[p])
+                    bm.pretrained_source(m, p)
                 except bm.Skipped as skip:
                     skips[(p, m)] = str(skip)
     make_report(args, args.problems, args.methods, seeds, skips)
