@@ -25,7 +25,7 @@ from asla.executor import make_executor
 from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
 from asla.reward import EnergyEvaluator, RewardScale, rewards
-from asla.storage import append_db, atomic_write_text, write_json, write_structures
+from asla.storage import append_db, atomic_write_text, open_db, write_json, write_structures
 
 from . import augmentation
 from .agent import Agent
@@ -428,8 +428,7 @@ def _drop_db_rows_after(database: str, episodes: int, run: str) -> None:
     """Rows written after the checkpoint will be evaluated again on resume: drop them, no duplicates."""
     if "://" not in database and not Path(database).exists():
         return
-    from ase.db import connect
-    with connect(database) as db:
+    with open_db(database) as db:
         ids = [row.id for row in db.select(f"episode>={episodes}", run=run)]
         if ids:
             db.delete(ids)
@@ -442,12 +441,10 @@ def demonstrations_from_db(problem, database: str) -> list[Episode]:
     database (rows without one are skipped). Atoms of species the problem does not place are
     an error, since they have no channel.
     """
-    from ase.db import connect
-
     from asla.builder import encode_action
     grid, n_template = problem.grid, len(problem.template)
     out = []
-    for row in connect(str(database)).select():
+    for row in open_db(database).select():
         energy = row.get("energy")
         if energy is None:
             continue

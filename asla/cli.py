@@ -171,11 +171,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from ase.db import connect
+    from .storage import open_db
     path = Path(args.run_dir) / "evaluations.db" if Path(args.run_dir).is_dir() else Path(args.run_dir)
     if not path.exists():
         raise AslaError(f"run_dir: no evaluations database at {path}")
-    db = connect(str(path))
+    db = open_db(path)
     rows = list(db.select(sort="energy"))
     print(f"{path}: {len(rows)} evaluated structures")
     print(f"{'id':>6s} {'episode':>8s} {'energy (eV)':>14s} {'formula':>14s}")

@@ -67,10 +67,21 @@ def write_structures(path: str | Path, structures: Iterable[Atoms]) -> None:
     os.replace(tmp, path)
 
 
+def open_db(path: str | Path):
+    """An ase.db connection that a killed writer cannot block.
+
+    ASE guards writes with a lock file beside the database besides SQLite's own locking. SIGKILL
+    (or the OOM killer) mid-write leaves that file behind, and every later write, a resumed run's
+    first, waits for it forever. SQLite's and the database servers' locks die with the process,
+    so the lock file is kept only for JSON databases, where it is the only guard."""
+    from ase.db import connect
+    name = str(path)
+    return connect(name, use_lock_file=name.endswith(".json"))
+
+
 def append_db(path: str | Path, structures: Iterable[Atoms], **key_value_pairs: Any) -> None:
     """Add structures to an ASE database (SQLite file or a URL ASE accepts)."""
-    from ase.db import connect
-    with connect(str(path)) as db:
+    with open_db(path) as db:
         for atoms in structures:
             kv = {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str, bool)) and k.isidentifier()}
             db.write(atoms, key_value_pairs={**kv, **key_value_pairs})

@@ -258,6 +258,23 @@ def test_structures_written_with_ase_keep_energies(tmp_path):
     assert [r.energy for r in rows] == pytest.approx(want)
 
 
+def test_database_write_is_not_blocked_by_a_killed_writers_lock_file(tmp_path):
+    """SIGKILL mid-write leaves ASE's `<db>.lock` behind; a resumed run's writes must not wait on it forever."""
+    import threading
+
+    from asla.storage import append_db, open_db
+    p = load_problem("tiny-pd2o")
+    frames = [EnergyEvaluator(p).evaluate(random_build(p, np.random.default_rng(0)).atoms()).atoms]
+    db = tmp_path / "evaluations.db"
+    append_db(db, frames, run="a")
+    (tmp_path / "evaluations.db.lock").write_text("")  # what a writer killed inside ASE's lock leaves
+    writer = threading.Thread(target=append_db, args=(db, frames), kwargs={"run": "b"}, daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "append_db waits on a stale lock file"
+    assert [r.run for r in open_db(db).select()] == ["a", "b"]
+
+
 # ---- environment ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SHIPPED)
