@@ -359,7 +359,7 @@ def plot_problem(name: str, entry: dict, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if ax_e.get_legend_handles_labels()[0]:
-        ax_e.legend(fontsize=7, loc="upper left")
+        ax_e.legend(fontsize=7, loc="best")
     fig.suptitle(f"{name}: reference {entry['reference_energy']} eV (basin criterion, {TOL} eV)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
