@@ -75,8 +75,12 @@ def recipe_overrides(name: str) -> dict:
 
 
 def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, quick: bool = False,
-               checkpoint_every: int = CHECKPOINT_EVERY) -> Outcome:
-    """Run one (method, problem, seed) with `budget` evaluations; the ledger holds what it did."""
+               checkpoint_every: int = CHECKPOINT_EVERY,
+               stop_when: Callable[[Any, float], bool] | None = None) -> Outcome:
+    """Run one (method, problem, seed) with `budget` evaluations; the ledger holds what it did.
+
+    `stop_when(atoms, energy)`, asked on each improvement of the best energy, ends the run early when True
+    (e.g. once it has found the minimum: `found_check`); its own time is kept off the run's clock."""
     if method not in METHODS:
         raise ValueError(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     prepare(method)  # one-off costs of the process (imports, Ray) stay out of the run's wall time
@@ -86,6 +90,7 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
     # ends cleanly and its agent is saved; the few evaluations past the budget are counted but never judged.
     ledger = open_ledger(ledger_name, limit=None if method in TRAINING_METHODS else budget)
     ledger.budget = budget
+    ledger.stop_when = stop_when
     work_dir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome(ledger=ledger, wall_seconds=0.0)
     t0 = time.perf_counter()
@@ -98,8 +103,11 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
         except EvaluationBudgetExhausted:
             pass
     finally:
-        outcome.wall_seconds = time.perf_counter() - t0 + outcome.resumed_seconds
+        outcome.wall_seconds = time.perf_counter() - t0 - ledger.paused_seconds + outcome.resumed_seconds
         close_ledger(ledger_name)
+    if ledger.stopped:
+        outcome.notes.append(f"stopped at {ledger.count} evaluations: its best structure relaxed into the minimum's "
+                             f"basin (checked on each improvement, {ledger.paused_seconds:.1f} s off the clock)")
     return outcome
 
 
@@ -442,7 +450,21 @@ def _plain(x: Any) -> Any:
     return type(x).__name__
 
 
-# ---- the basin criterion on a run's trace --------------------------------------------------------------
+# ---- the basin criterion on a run's trace ---------------------------------------------------------------
+
+def found_check(problem: Problem, tol: float = 0.05, window: float = 5.0) -> Callable[[Any, float], bool]:
+    """A `stop_when` for run_method: True once an improvement relaxes into the minimum's basin (the criterion
+    of `first_in_basin`, asked of every improvement within `window` eV). A run stopped by it contributes the same
+    first hit to the success curves as the run to the end of its budget would: the curves need only that."""
+    ref = problem.reference_energy
+
+    def check(atoms: Any, energy: float) -> bool:
+        if ref is None or energy > ref + window:
+            return False
+        e = relaxed_energy(problem, atoms)
+        return math.isfinite(e) and e <= ref + tol
+    return check
+
 
 def _same_descent(a: dict, b: dict, max_move: float = 0.5) -> bool:
     """Consecutive evaluations with no atom moved more than `max_move` A: steps of one local relaxation

@@ -110,3 +110,18 @@ def test_a_killed_asla_benchmark_run_resumes_from_its_checkpoint_with_the_same_t
     assert [(e, round(en, 6)) for e, _, en in b["trace"]] == [(e, round(en, 6)) for e, _, en in a["trace"]]
     assert [t for _, t, _ in b["trace"]] == sorted(t for _, t, _ in b["trace"])  # the clock went on, not restarted
     assert not (tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.work").exists()  # checkpoints gone with the record
+
+
+def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budget(tmp_path):
+    import bench_methods as bm
+    problem = load_problem("pd100-oxide-2x2")
+    judged = {}
+    for stop in (False, True):
+        outcome = bm.run_method("asla-zeroshot", "pd100-oxide-2x2", seed=1, budget=400, work_dir=tmp_path / str(stop),
+                                stop_when=bm.found_check(problem) if stop else None)
+        found = bm.first_in_basin(problem, outcome.ledger.trace)["found"]
+        assert found is not None
+        judged[stop] = (found["evaluations"], outcome.ledger.count, outcome.ledger.stopped)
+    assert judged[True][0] == judged[False][0]  # the same first hit: the success curve does not change
+    assert judged[False][1:] == (400, False)
+    assert judged[True][1] == judged[True][0] and judged[True][2]  # and nothing spent after it

@@ -84,3 +84,36 @@ def test_spec_naming_a_ledger_that_is_not_open_fails_in_one_line():
     problem = load_problem("tiny-pd2o", calculator=counting_spec({"name": "emt"}, "no-such-ledger"))
     with pytest.raises(ProblemError, match="calculator.ledger: no counting ledger named 'no-such-ledger'"):
         make_calculator(problem.calculator)
+
+
+def test_stop_when_ends_the_search_after_the_improvement_it_accepts_and_keeps_its_time_off_the_clock():
+    import time
+    atoms = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    asked: list[float] = []
+
+    def close_to_minimum(_: object, energy: float) -> bool:  # stands in for a slow check (a relaxation)
+        asked.append(energy)
+        time.sleep(0.2)
+        return energy < reference_energy + 0.5
+
+    reference_energy = atoms.copy()
+    reference_energy.calc = make_calculator({"name": "emt"})
+    reference_energy = reference_energy.get_potential_energy()
+    ledger = Ledger(stop_when=close_to_minimum)
+    atoms.calc = CountingCalculator({"name": "emt"}, ledger=ledger)
+    atoms.positions[-1, 2] += 0.6
+    atoms.get_potential_energy()  # the last atom lifted 0.6 A, 1 eV above: asked, not accepted
+    atoms.positions[-1, 2] += 0.3
+    atoms.get_potential_energy()  # 0.9 A, higher still: no improvement, not asked
+    assert len(asked) == 1 and not ledger.stopped
+    atoms.positions[-1, 2] -= 0.85  # 0.05 A above the minimum: accepted, the search ends after recording it
+    with pytest.raises(EvaluationBudgetExhausted):
+        atoms.get_potential_energy()
+    assert ledger.stopped and ledger.count == 3 and len(asked) == 2
+    assert ledger.trace[-1]["evaluations"] == 3
+    assert ledger.paused_seconds >= 0.4
+    assert ledger.seconds < ledger.paused_seconds  # the checks' 0.4 s are not the search's time
+    atoms.positions[-1, 2] += 0.01
+    with pytest.raises(EvaluationBudgetExhausted):
+        atoms.get_potential_energy()
+    assert ledger.count == 3
