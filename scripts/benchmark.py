@@ -105,7 +105,7 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{problem_name}-{method}-s{seed}-")))
         try:
-            stop_when = bm.found_check(problem, tol=TOL, window=args.window) if args.stop_when_found else None
+            stop_when = bm.found_check(problem, TOL, args.window) if args.stop_when_found else None
             outcome = bm.run_method(method, problem_name, seed, budget, work, quick=args.quick,
                                     checkpoint_every=args.checkpoint_every, stop_when=stop_when)
         except bm.Skipped as skip:
@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-when-found", action="store_true",
                     help="end each run at its first improvement that relaxes into the minimum's basin (checked on "
                          "every improvement within the window, off the clock): the success curves are the same, "
-                         "found runs cost less (a training run so stopped keeps no trained agent beside its record)")
+                         "found runs cost less (a training run so stopped keeps its last checkpoint's agent, if "
+                         "it reached one)")
     ap.add_argument("--report-only", action="store_true", help="remake the report from finished runs; run nothing")
     ap.add_argument("--restore-from", metavar="BENCHMARKS_JSON",
                     help="first copy the finished runs of a report's benchmarks.json (e.g. docs/benchmarks.json) "
