@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asla import load_problem
-from asla.basin import relaxed_energy
+from asla.basin import found, relaxed_energy
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
 from asla.problem import Problem
 from asla.storage import write_json
@@ -459,10 +459,7 @@ def found_check(problem: Problem, tol: float = 0.05, window: float = 5.0) -> Cal
     ref = problem.reference_energy
 
     def check(atoms: Any, energy: float) -> bool:
-        if ref is None or energy > ref + window:
-            return False
-        e = relaxed_energy(problem, atoms)
-        return math.isfinite(e) and e <= ref + tol
+        return ref is not None and energy <= ref + window and found(problem, atoms, tol)
     return check
 
 

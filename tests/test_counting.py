@@ -94,11 +94,11 @@ def test_stop_when_ends_the_search_after_the_improvement_it_accepts_and_keeps_it
     def close_to_minimum(_: object, energy: float) -> bool:  # stands in for a slow check (a relaxation)
         asked.append(energy)
         time.sleep(0.2)
-        return energy < reference_energy + 0.5
+        return energy < minimum_energy + 0.5
 
-    reference_energy = atoms.copy()
-    reference_energy.calc = make_calculator({"name": "emt"})
-    reference_energy = reference_energy.get_potential_energy()
+    minimum = atoms.copy()
+    minimum.calc = make_calculator({"name": "emt"})
+    minimum_energy = minimum.get_potential_energy()
     ledger = Ledger(stop_when=close_to_minimum)
     atoms.calc = CountingCalculator({"name": "emt"}, ledger=ledger)
     atoms.positions[-1, 2] += 0.6
