@@ -127,18 +127,20 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
     assert judged[True][1] == judged[True][0] and judged[True][2]  # and nothing spent after it
 
 
-def test_profile_of_a_run_names_where_its_time_goes_and_writes_no_benchmark_record(tmp_path):
+def test_profile_of_a_run_names_where_its_time_goes_and_writes_nothing_but_its_profile(tmp_path, monkeypatch):
     import profile_method
 
-    before = sorted((ROOT / "runs").rglob("*.json")) if (ROOT / "runs").exists() else []
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a run directory or record written relative to the working directory would land here
     assert profile_method.main(["--method", "random", "--problem", "pd100-oxide-2x2", "--budget", "40",
-                                "--top", "15", "--out", str(tmp_path)]) == 0
-    prof = json.loads((tmp_path / "profile.json").read_text())
+                                "--top", "15", "--out", str(out)]) == 0
+    prof = json.loads((out / "profile.json").read_text())
     assert prof["evaluations"] == 40 and prof["wall_seconds"] > 0
     top = prof["top"]
     assert len(top) == 15 and top[0]["cumulative_seconds"] >= top[-1]["cumulative_seconds"]
-    assert any("run_method" in r["function"] for r in top)  # the run itself is the outermost entry
-    assert any(r["function"].startswith("calculator.py") for r in top)  # the calculator's share is listed
-    assert (tmp_path / "profile.prof").stat().st_size > 0
-    after = sorted((ROOT / "runs").rglob("*.json")) if (ROOT / "runs").exists() else []
-    assert after == before
+    assert any("run_method" in r["function"] for r in top)  # the run itself is listed
+    assert any(r["function"].startswith("calculator.py") for r in top)  # and the calculator's share
+    assert (out / "profile.prof").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["profile.json", "profile.prof"]
+    assert not any(cwd.iterdir())
