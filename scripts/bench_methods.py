@@ -119,7 +119,7 @@ def prepare(method: str) -> None:
         import agox.algorithms.gofee  # noqa: F401
         import agox.algorithms.rss  # noqa: F401
         if method == "gofee":
-            start_ray_for_agox(Path(os.environ.get("ASLA_BENCH_RAY_TMP", "/tmp/asla-bench-ray")))
+            start_ray_for_agox()
             warm_agox_pool()
     else:
         import agents.agent  # noqa: F401
@@ -287,17 +287,19 @@ def _import_agox() -> None:
     patch_agox()
 
 
-def start_ray_for_agox(tmp_dir: Path) -> None:
+def start_ray_for_agox(tmp_dir: Path | None = None) -> None:
     """Start Ray with one CPU before AGOX does, so its GPR (which always joins a Ray pool) gets one worker.
 
     AGOX's GPR model is a Ray pool user whatever its settings: it starts Ray on first use, with a pool of one
     actor per CPU. One CPU keeps the search to one computing process at a time (the actor optimises the GPR
     hyperparameters while the driver waits) on this machine of about one core. The workers get the ASE
-    patches of `patch_agox` through a setup hook.
+    patches of `patch_agox` through a setup hook. Its files go to `tmp_dir`, by default $ASLA_BENCH_RAY_TMP or
+    /tmp/asla-bench-ray (Ray's socket paths must stay short).
     """
     import ray
     if ray.is_initialized():
         return
+    tmp_dir = tmp_dir or Path(os.environ.get("ASLA_BENCH_RAY_TMP", "/tmp/asla-bench-ray"))
     here = str(Path(__file__).resolve().parent)
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +385,7 @@ def agox_algorithm(method: str, problem: Problem, calculator: Any, seed: int, pa
     if method == "bh":
         return BasinHopping.create(algorithm=BasinHoppingConfig(), problem=prob, run=run)
     if method == "gofee":
-        start_ray_for_agox(Path(os.environ.get("ASLA_BENCH_RAY_TMP", "/tmp/asla-bench-ray")))  # if not yet
+        start_ray_for_agox()  # if not yet
         cls = _serial_gofee_class()
         cfg = cls.CONFIG()
         # --quick: a smoke run of the same modules, lighter (4 candidates, 20 surrogate relaxation steps)
