@@ -55,7 +55,8 @@ PROBLEMS = ("pd100-oxide-2x2", "pd100-oxide-3x3", "pd100-oxide-5x5", "graphene-c
 # The defaults are the budgets of the committed report (docs/benchmarks.md), so that `--seeds 10` extends it.
 BUDGET = {"pd100-oxide-2x2": 10000, "pd100-oxide-3x3": 20000, "pd100-oxide-5x5": 12000, "graphene-c24": 2000,
           "graphene-c24-xtb": 2000}
-GOFEE_BUDGET = {"pd100-oxide-2x2": 100, "pd100-oxide-3x3": 100, "pd100-oxide-5x5": 100, "graphene-c24": 100,
+# GOFEE's surrogate costs minutes per iteration here (3-4 min on the 5x5 cell): budgets far below the others'.
+GOFEE_BUDGET = {"pd100-oxide-2x2": 100, "pd100-oxide-3x3": 100, "pd100-oxide-5x5": 20, "graphene-c24": 100,
                 "graphene-c24-xtb": 100}
 QUICK = {"problems": ["pd100-oxide-2x2"], "seeds": 1, "budget": 60, "gofee_budget": 6}
 TOL = 0.05  # eV, the basin criterion's tolerance
@@ -241,6 +242,10 @@ def make_report(args: argparse.Namespace, problems: list[str], methods: list[str
     return report
 
 
+def in_basin(relaxed: float | None, ref: float | None, tol: float) -> bool:
+    return relaxed is not None and ref is not None and relaxed <= ref + tol
+
+
 def summary_row(runs: list[dict], ref: float | None) -> dict:
     n = len(runs)
     ev = [r["found_at_evaluations"] for r in runs]
@@ -249,7 +254,12 @@ def summary_row(runs: list[dict], ref: float | None) -> dict:
     walls = [r["found_at_seconds"] if r["found_at_seconds"] is not None else r["wall_seconds"] for r in runs]
     rates = [r["wall_seconds"] / max(r["evaluations_spent"], 1) for r in runs]
     relaxed = [r["best_relaxed_energy"] for r in runs if r.get("best_relaxed_energy") is not None]
-    return {"n": n, "found": sum(e is not None for e in ev), "budget": max((r["budget"] for r in runs), default=None),
+    # The window only bounds which improvements are relaxed; the final best is relaxed in every record, so this
+    # count (found, or the final best in the basin, whatever its single-point energy) shows what the window missed.
+    by_end = sum(r["found_at_evaluations"] is not None or in_basin(r.get("best_relaxed_energy"), ref, r.get("tol", TOL))
+                 for r in runs)
+    return {"n": n, "found": sum(e is not None for e in ev), "found_by_end_any_window": by_end,
+            "budget": max((r["budget"] for r in runs), default=None),
             "evals_50": to_success(ev, n, 0.5), "evals_90": to_success(ev, n, 0.9),
             "seconds_50": to_success(sec, n, 0.5), "median_wall": float(np.median(walls)) if walls else None,
             "seconds_per_evaluation": float(np.median(rates)) if n else None,
@@ -280,7 +290,10 @@ def markdown(report: dict) -> str:
              "Only improvements within the `window` of the reference are relaxed, and an uninterrupted descent (the "
              "steps of one relaxation that kept improving the best) is examined from its start only if its lowest "
              "point relaxes into the basin. Success curves: fraction of seeds that have found the minimum, against "
-             "evaluations and against wall time per run.", "",
+             "evaluations and against wall time per run. The final best of every run is relaxed whatever its energy; "
+             "the column *found by the budget's end, any window* counts the runs that found the minimum or whose "
+             "final best relaxes into the basin, so it shows what the window missed (a grid-built structure can lie "
+             "far above its relaxed basin).", "",
              "**Methods.** ASLA from scratch (the problem's recipe in `configs/`, trained until the budget; the Pd "
              "recipes relax 10 EMT steps before the reward, counted); ASLA transferred (5x5 fine-tuned from the 3x3 "
              "agent); a pretrained agent of another cell building zero-shot, no training (epsilon 0.1; 5x5 by the 3x3 "
@@ -306,15 +319,17 @@ def markdown(report: dict) -> str:
                   f"Reference minimum: {_fmt(ref, 4)} eV. How it was established: {entry['reference_method'] or '—'} "
                   f"(see `docs/reference-minima.md`).", "",
                   f"![success curves](benchmarks-{name}.png)", "",
-                  "| method | budget (evaluations) | seeds | found | evaluations to 50% | evaluations to 90% | "
+                  "| method | budget (evaluations) | seeds | found | found by the budget's end, any window | "
+                  "evaluations to 50% | evaluations to 90% | "
                   "wall s to 50% | median wall s per run (until found, else the budget) | median s per evaluation | median best relaxed − reference (eV) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, data in entry["methods"].items():
             if not data["runs"]:
-                lines.append(f"| {bm.LABELS[method]} | {data['status']} | | | | | | | | |")
+                lines.append(f"| {bm.LABELS[method]} | {data['status']} | | | | | | | | | |")
                 continue
             s = summary_row(data["runs"], ref)
             lines.append(f"| {bm.LABELS[method]} | {_fmt(s['budget'])} | {s['n']} | {s['found']}/{s['n']} | "
+                         f"{s['found_by_end_any_window']}/{s['n']} | "
                          f"{_fmt(s['evals_50'])} | {_fmt(s['evals_90'])} | {_fmt(s['seconds_50'], 1)} | "
                          f"{_fmt(s['median_wall'], 1)} | {_fmt(s['seconds_per_evaluation'], 4)} | "
                          f"{_fmt(s['median_best_relaxed_above_ref'], 3)} |")

@@ -144,3 +144,19 @@ def test_profile_of_a_run_names_where_its_time_goes_and_writes_nothing_but_its_p
     assert (out / "profile.prof").stat().st_size > 0
     assert sorted(p.name for p in out.iterdir()) == ["profile.json", "profile.prof"]
     assert not any(cwd.iterdir())
+
+
+def test_summary_counts_a_final_best_in_the_basin_that_the_window_skipped():
+    """A run whose grid-built best lay outside the window is not found on the curve, but its final best, relaxed in
+    every record, lands in the basin: the table's by-the-end column counts it, and only it."""
+    sys.modules.pop("benchmark", None)
+    import benchmark
+    ref = -10.0
+    run = {"budget": 100, "tol": 0.05, "evaluations_spent": 100, "wall_seconds": 50.0}
+    runs = [{**run, "found_at_evaluations": 40, "found_at_seconds": 20.0, "best_relaxed_energy": ref},
+            {**run, "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": ref - 0.3},
+            {**run, "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": ref + 0.06},
+            {**run, "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": None}]
+    s = benchmark.summary_row(runs, ref)
+    assert (s["n"], s["found"], s["found_by_end_any_window"]) == (4, 1, 2)
+    assert benchmark.summary_row(runs, None)["found_by_end_any_window"] == 1  # no reference: only a real hit
