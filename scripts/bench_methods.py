@@ -528,5 +528,6 @@ def first_in_basin(problem: Problem, trace: list[dict], tol: float = 0.05, windo
         last = len(trace) - 1
         result["best_relaxed_energy"] = relax_row(last)
     result["relaxations"] = len(relaxed)
+    result["relaxed"] = dict(relaxed)  # trace index -> relaxed energy (nan: the relaxation failed)
     result["seconds"] = time.perf_counter() - t0
     return result

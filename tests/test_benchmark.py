@@ -160,3 +160,35 @@ def test_summary_counts_a_final_best_in_the_basin_that_the_window_skipped():
     s = benchmark.summary_row(runs, ref)
     assert (s["n"], s["found"], s["found_by_end_any_window"]) == (4, 1, 2)
     assert benchmark.summary_row(runs, None)["found_by_end_any_window"] == 1  # no reference: only a real hit
+
+
+def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_run_would_be(tmp_path):
+    """Records keep their trace structures: a new window judges them again without running, with the same result
+    as a run judged with that window from the start."""
+    def cmd(results, window):
+        return [sys.executable, "scripts/benchmark.py", "--quick", "--methods", "random", "--budget", "120",
+                "--window", window, "--out", str(tmp_path / "out"), "--results", str(results)]
+
+    narrow = subprocess.run(cmd(tmp_path / "a", "-100"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert narrow.returncode == 0, narrow.stderr[-3000:]
+    path = tmp_path / "a" / "pd100-oxide-2x2" / "random-s0.json"
+    first = json.loads(path.read_text())
+    trace = read(path.with_name("random-s0-trace.extxyz"), index=":")
+    assert [[a.info["evaluations"], a.get_potential_energy()] for a in trace] == [[e, en] for e, _, en in first["trace"]]
+    assert first["window"] == -100 and first["basin_check"]["relaxations"] == 1  # only the final best
+
+    again = subprocess.run(cmd(tmp_path / "a", "inf"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "judged again with window inf" in again.stdout
+    rejudged = json.loads(path.read_text())
+    assert rejudged["window"] is None and rejudged["finished"] == first["finished"]  # not run again
+    assert rejudged["basin_check"]["relaxations"] > 1
+
+    fresh = subprocess.run(cmd(tmp_path / "b", "inf"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    direct = json.loads((tmp_path / "b" / "pd100-oxide-2x2" / "random-s0.json").read_text())
+    assert direct["trace"] == first["trace"] or [r[::2] for r in direct["trace"]] == [r[::2] for r in first["trace"]]
+    for key in ("found_at_evaluations", "found_energy", "window"):
+        assert rejudged[key] == direct[key], key
+    assert [e for e, _ in rejudged["basin_check"]["relaxed"]] == [e for e, _ in direct["basin_check"]["relaxed"]]
+    assert rejudged["best_relaxed_energy"] == pytest.approx(direct["best_relaxed_energy"], abs=1e-6)
