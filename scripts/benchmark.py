@@ -545,16 +545,18 @@ def main(argv: list[str] | None = None) -> int:
         path = record_path(results, p, m, s)
         old = load_record(path)
         window = window_for(args, p)
-        if old and old.get("budget") == budget and old.get("window") == window_json(window):
-            continue
-        if old and old.get("budget") == budget and trace_path(path).exists():
-            rec = rejudge(args, old, path, window)
-            write_json(path, rec)
-            print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: judged again with window {window} (was {old.get('window')}): "
-                  f"found {rec['found_at_evaluations'] if rec['found_at_evaluations'] is not None else 'no'} "
-                  f"(was {old['found_at_evaluations'] if old['found_at_evaluations'] is not None else 'no'})",
-                  flush=True)
-            continue
+        if old and old.get("budget") == budget:
+            if old.get("window") == window_json(window):
+                continue
+            if trace_path(path).exists():
+                rec = rejudge(args, old, path, window)
+                write_json(path, rec)
+                print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: judged again with window {window} (was "
+                      f"{old.get('window')}): found "
+                      f"{rec['found_at_evaluations'] if rec['found_at_evaluations'] is not None else 'no'} (was "
+                      f"{old['found_at_evaluations'] if old['found_at_evaluations'] is not None else 'no'})",
+                      flush=True)
+                continue
         try:
             rec = run_one(args, p, m, s, budget)
         except Exception:  # noqa: BLE001 - one failed run must not lose the others; reported, exit status 1

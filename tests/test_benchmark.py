@@ -187,7 +187,7 @@ def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_r
     fresh = subprocess.run(cmd(tmp_path / "b", "inf"), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     direct = json.loads((tmp_path / "b" / "pd100-oxide-2x2" / "random-s0.json").read_text())
-    assert direct["trace"] == first["trace"] or [r[::2] for r in direct["trace"]] == [r[::2] for r in first["trace"]]
+    assert [r[::2] for r in direct["trace"]] == [r[::2] for r in first["trace"]]  # same builds (the clock differs)
     for key in ("found_at_evaluations", "found_energy", "window"):
         assert rejudged[key] == direct[key], key
     assert [e for e, _ in rejudged["basin_check"]["relaxed"]] == [e for e, _ in direct["basin_check"]["relaxed"]]
