@@ -468,15 +468,33 @@ def _plain(x: Any) -> Any:
 
 # ---- the basin criterion on a run's trace ---------------------------------------------------------------
 
-def found_check(problem: Problem, tol: float = 0.05, window: float = 5.0) -> Callable[[Any, float], bool]:
+def structure_key(atoms: Any) -> bytes:
+    """Identity of a structure for reusing its relaxation: species, positions and cell, exactly."""
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in (atoms.numbers, atoms.positions, atoms.cell[:]))
+
+
+class FoundCheck:
     """A `stop_when` for run_method: True once an improvement relaxes into the minimum's basin (the criterion
     of `first_in_basin`, asked of every improvement within `window` eV). A run stopped by it contributes the same
-    first hit to the success curves as the run to the end of its budget would: the curves need only that."""
-    ref = problem.reference_energy
+    first hit to the success curves as the run to the end of its budget would: the curves need only that.
+    Its relaxed energies (`relaxed`, by `structure_key`) are handed to `first_in_basin`, which would otherwise
+    relax the same structures again offline."""
 
-    def check(atoms: Any, energy: float) -> bool:
-        return ref is not None and energy <= ref + window and found(problem, atoms, tol)
-    return check
+    def __init__(self, problem: Problem, tol: float = 0.05, window: float = 5.0) -> None:
+        self.problem, self.tol, self.window = problem, tol, window
+        self.relaxed: dict[bytes, float] = {}
+
+    def __call__(self, atoms: Any, energy: float) -> bool:
+        ref = self.problem.reference_energy
+        if ref is None or energy > ref + self.window:
+            return False
+        e = relaxed_energy(self.problem, atoms)
+        self.relaxed[structure_key(atoms)] = e
+        return math.isfinite(e) and e <= ref + self.tol
+
+
+def found_check(problem: Problem, tol: float = 0.05, window: float = 5.0) -> FoundCheck:
+    return FoundCheck(problem, tol, window)
 
 
 def _same_descent(a: dict, b: dict, max_move: float = 0.5) -> bool:
@@ -487,22 +505,31 @@ def _same_descent(a: dict, b: dict, max_move: float = 0.5) -> bool:
     return float(np.abs(b["atoms"].positions - a["atoms"].positions).max()) <= max_move
 
 
-def first_in_basin(problem: Problem, trace: list[dict], tol: float = 0.05, window: float = 5.0) -> dict:
+def first_in_basin(problem: Problem, trace: list[dict], tol: float = 0.05, window: float = 5.0,
+                   known: dict[bytes, float] | None = None) -> dict:
     """First improvement of a run's best energy whose structure relaxes into the global minimum's basin.
 
     The criterion is asla.basin's (relax with the problem's calculator, template fixed; within `tol` eV of the
     reference), applied to the trace rows within `window` eV of the reference. To bound the offline cost, an
     uninterrupted descent (rows at consecutive evaluations with small moves: the steps of one local
     relaxation that kept improving the best) is examined from its start only if its last, lowest row relaxes
-    into the basin; otherwise the whole descent is taken to lie outside it.
+    into the basin; otherwise the whole descent is taken to lie outside it. `known` relaxed energies (by
+    `structure_key`, e.g. a FoundCheck's from the run itself) are reused, not recomputed.
     """
     ref = problem.reference_energy
     t0 = time.perf_counter()
     relaxed: dict[int, float] = {}
+    reused = 0
 
     def relax_row(i: int) -> float:
+        nonlocal reused
         if i not in relaxed:
-            relaxed[i] = relaxed_energy(problem, trace[i]["atoms"])
+            key = structure_key(trace[i]["atoms"]) if known else None
+            if key in (known or {}):
+                relaxed[i] = known[key]
+                reused += 1
+            else:
+                relaxed[i] = relaxed_energy(problem, trace[i]["atoms"])
         return relaxed[i]
 
     def hit(i: int) -> bool:
@@ -528,6 +555,7 @@ def first_in_basin(problem: Problem, trace: list[dict], tol: float = 0.05, windo
         last = len(trace) - 1
         result["best_relaxed_energy"] = relax_row(last)
     result["relaxations"] = len(relaxed)
+    result["reused"] = reused  # of them taken from `known`
     result["relaxed"] = dict(relaxed)  # trace index -> relaxed energy (nan: the relaxation failed)
     result["seconds"] = time.perf_counter() - t0
     return result

@@ -106,9 +106,10 @@ def read_trace(path: Path) -> list[dict]:
              "energy": float(a.get_potential_energy()), "atoms": a} for a in read(path, index=":", format="extxyz")]
 
 
-def judgement(problem, trace: list[dict], window: float) -> dict:  # noqa: ANN001 - an asla Problem
+def judgement(problem, trace: list[dict], window: float,  # noqa: ANN001 - an asla Problem
+              known: dict[bytes, float] | None = None) -> dict:
     """The record's fields decided by the basin check of `trace` (bench_methods.first_in_basin)."""
-    check = bm.first_in_basin(problem, trace, tol=TOL, window=window)
+    check = bm.first_in_basin(problem, trace, tol=TOL, window=window, known=known)
     found = check["found"]
     return {"window": window_json(window), "tol": TOL,
             "found_at_evaluations": found["evaluations"] if found else None,
@@ -116,7 +117,8 @@ def judgement(problem, trace: list[dict], window: float) -> dict:  # noqa: ANN00
             "best_relaxed_energy": check.get("best_relaxed_energy"),
             "found_energy": found["energy"] if found else None,
             "found_relaxed_energy": found["relaxed_energy"] if found else None,
-            "basin_check": {"relaxations": check["relaxations"], "seconds": check["seconds"],
+            "basin_check": {"relaxations": check["relaxations"], "reused_from_run": check["reused"],
+                            "seconds": check["seconds"],
                             "relaxed": [[trace[i]["evaluations"], e if math.isfinite(e) else None]
                                         for i, e in sorted(check["relaxed"].items())]}}
 
@@ -181,7 +183,8 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
     ledger = outcome.ledger
     trace = [row for row in ledger.trace if row["evaluations"] <= budget]  # judged within the budget only
     write_trace(trace_path(dest.with_suffix(".json")), trace)
-    return {**base, "status": "done", **judgement(problem, trace, window),
+    known = stop_when.relaxed if stop_when is not None else None  # the online check's relaxations, not redone
+    return {**base, "status": "done", **judgement(problem, trace, window, known),
             "evaluations_spent": ledger.count, "wall_seconds": outcome.wall_seconds,
             "best_energy": trace[-1]["energy"] if trace else None,
             "stopped_when_found": outcome.ledger.stopped, "settings": outcome.settings, "notes": outcome.notes,

@@ -117,11 +117,17 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
     problem = load_problem("pd100-oxide-2x2")
     judged = {}
     for stop in (False, True):
+        check = bm.found_check(problem) if stop else None
         outcome = bm.run_method("asla-zeroshot", "pd100-oxide-2x2", seed=1, budget=400, work_dir=tmp_path / str(stop),
-                                stop_when=bm.found_check(problem) if stop else None)
+                                stop_when=check)
         found = bm.first_in_basin(problem, outcome.ledger.trace)["found"]
         assert found is not None
         judged[stop] = (found["evaluations"], outcome.ledger.count, outcome.ledger.stopped)
+    # The offline judgement reuses the online check's relaxations: the same verdict, the hit's relaxation not redone.
+    reusing = bm.first_in_basin(problem, outcome.ledger.trace, known=check.relaxed)
+    assert reusing["found"] == found
+    # Online every improvement within the window was relaxed, and the stop made the hit the final best: none anew.
+    assert reusing["reused"] == reusing["relaxations"] >= 1
     assert judged[True][0] == judged[False][0]  # the same first hit: the success curve does not change
     assert judged[False][1:] == (400, False)
     assert judged[True][1] == judged[True][0] and judged[True][2]  # and nothing spent after it
