@@ -198,3 +198,21 @@ def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_r
         assert rejudged[key] == direct[key], key
     assert [e for e, _ in rejudged["basin_check"]["relaxed"]] == [e for e, _ in direct["basin_check"]["relaxed"]]
     assert rejudged["best_relaxed_energy"] == pytest.approx(direct["best_relaxed_energy"], abs=1e-6)
+
+
+def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp_path):
+    import basin_odds
+    assert basin_odds.wilson(0, 20)[0] == 0.0 < basin_odds.wilson(0, 20)[1] < 0.2  # no hit still bounds the odds
+    lo, hi = basin_odds.wilson(5, 10)
+    assert lo < 0.5 < hi
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "basin_odds.py"), "--problem", "pd100-oxide-2x2",
+                          "--builds", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "basin-odds.json").read_text())["results"][0]
+    rows = result["rows"]
+    assert result["relaxed"] == len(rows) == 4 and result["in_basin"] <= 4
+    assert result["in_basin"] == sum(r["relaxed_above_reference"] <= result["tol"] for r in rows)
+    # The reference is the global minimum: no relaxed build may end below it, and relaxing never raises the energy.
+    assert all(r["relaxed_above_reference"] >= -result["tol"] for r in rows)
+    assert all(r["relaxed_above_reference"] <= r["built_above_reference"] + 1e-6 for r in rows)
+    assert "| pd100-oxide-2x2 | 4 |" in (tmp_path / "basin-odds.md").read_text()

@@ -1,0 +1,118 @@
+"""How wide is the reference minimum's basin for a grid build? The fraction of random builds that relax into it.
+
+The benchmark's basin criterion (asla.basin, ../shared/ASLA.md section 9) relaxes a method's builds offline. If a
+sizeable fraction of uniformly random legal builds relaxes into the reference minimum's basin, a method that
+relaxes many of its builds "finds" the minimum by chance, and a hit early in a run says little about learning.
+This script measures that chance for a problem: N random builds on the grid of ASLA's recipe (the random
+builder's, scripts/bench_methods.py), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
+eV/A), with the fraction in the basin (Wilson 95% interval) and the spread of relaxed energies.
+Usage:
+    python scripts/basin_odds.py --problem graphene-c24 --builds 100 [--seed 0] [--out docs]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_methods as bm  # noqa: E402
+
+from asla import load_problem  # noqa: E402
+from asla.basin import relaxed_energy  # noqa: E402
+from asla.builder import random_build  # noqa: E402
+from asla.calculators import make_calculator  # noqa: E402
+from asla.storage import atomic_write_text, write_json  # noqa: E402
+
+TOL = 0.05  # eV, as the benchmark's
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a binomial fraction that stays sensible at 0 or n hits."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def measure(problem_name: str, builds: int, seed: int) -> dict:
+    grid_problem = load_problem(problem_name, **bm.recipe_overrides(problem_name))  # the builders' grid
+    problem = load_problem(problem_name)  # relaxed as the benchmark's basin check relaxes
+    ref = problem.reference_energy
+    if ref is None:
+        raise SystemExit(f"basin_odds.py: error: --problem: {problem_name} has no reference_energy to measure against")
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(builds), desc=f"{problem_name}: relaxing random builds", unit="build"):
+        state = random_build(grid_problem, rng)
+        if not state.done:
+            continue
+        atoms = state.atoms()
+        single = atoms.copy()
+        single.calc = make_calculator(problem.calculator)
+        built = float(single.get_potential_energy())
+        t = time.perf_counter()
+        e = relaxed_energy(problem, atoms)
+        rows.append({"build": i, "built_above_reference": built - ref,
+                     "relaxed_above_reference": (e - ref) if math.isfinite(e) else None,
+                     "relax_seconds": time.perf_counter() - t})
+    above = np.array([r["relaxed_above_reference"] for r in rows if r["relaxed_above_reference"] is not None])
+    hits = int((above <= TOL).sum())
+    lo, hi = wilson(hits, len(rows))
+    return {"problem": problem_name, "reference_energy": ref, "tol": TOL, "builds": builds, "seed": seed,
+            "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
+            "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
+            "relaxed_above_reference_quantiles": ({q: float(np.quantile(above, q)) for q in (0.0, 0.1, 0.5, 0.9, 1.0)}
+                                                  if len(above) else {}),
+            "median_relax_seconds": float(np.median([r["relax_seconds"] for r in rows])) if rows else None,
+            "seconds": time.perf_counter() - t0, "rows": rows}
+
+
+def report(results: list[dict], command: str) -> str:
+    lines = ["# How wide is the minimum's basin for a random grid build?", "",
+             "Uniformly random legal builds on the grid of ASLA's recipe (the benchmark's random builder), each relaxed "
+             "as the benchmark's basin check relaxes (BFGS, template fixed, fmax 0.05 eV/Å, up to 1000 steps); "
+             f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes k of "
+             "its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
+             "| problem | builds relaxed | in the basin | fraction (Wilson 95%) | relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
+             "|---|---:|---:|---|---|---:|"]
+    for r in results:
+        q = r["relaxed_above_reference_quantiles"]
+        spread = " / ".join(f"{q[k]:.2f}" for k in (0.0, 0.1, 0.5, 0.9)) if q else "–"
+        frac = f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None else "–"
+        lines.append(f"| {r['problem']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
+                     f"{r['median_relax_seconds']:.2f} |")
+    lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}`; raw rows in basin-odds.json."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problem", nargs="+", default=["graphene-c24"])
+    ap.add_argument("--builds", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="docs")
+    args = ap.parse_args()
+    if args.builds < 1:
+        raise SystemExit(f"basin_odds.py: error: --builds must be at least 1, got {args.builds}")
+    command = "python scripts/basin_odds.py " + " ".join(sys.argv[1:])
+    results = [measure(name, args.builds, args.seed) for name in args.problem]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "basin-odds.json", {"command": command, "results": results})
+    text = report(results, command)
+    atomic_write_text(out / "basin-odds.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
