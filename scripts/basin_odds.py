@@ -6,8 +6,11 @@ relaxes many of its builds "finds" the minimum by chance, and a hit early in a r
 This script measures that chance for a problem: N random builds on the grid of ASLA's recipe (the random
 builder's, scripts/bench_methods.py), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
 eV/A), with the fraction in the basin (Wilson 95% interval) and the spread of relaxed energies.
+`--builder untrained-agent` draws instead the first builds of ASLA runs: a freshly initialised Q-network of the
+recipe (a new initialisation per build, as a new seed would have) acting with the recipe's starting epsilon, so a
+hit in a run's first evaluations can be told from the prior of the untrained network.
 Usage:
-    python scripts/basin_odds.py --problem graphene-c24 --builds 100 [--seed 0] [--out docs]
+    python scripts/basin_odds.py --problem graphene-c24 --builds 100 [--builder random untrained-agent] [--out docs]
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import datetime
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ import bench_methods as bm  # noqa: E402
 
 from asla import load_problem  # noqa: E402
 from asla.basin import relaxed_energy  # noqa: E402
-from asla.builder import random_build  # noqa: E402
+from asla.builder import BuildState, random_build  # noqa: E402
 from asla.calculators import make_calculator  # noqa: E402
 from asla.storage import atomic_write_text, write_json  # noqa: E402
 
@@ -43,17 +47,42 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def measure(problem_name: str, builds: int, seed: int) -> dict:
-    grid_problem = load_problem(problem_name, **bm.recipe_overrides(problem_name))  # the builders' grid
+BUILDERS = ("random", "untrained-agent")
+
+
+def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int], BuildState], dict]:
+    """A function i -> the i-th build of `kind`, on the grid of ASLA's recipe, and what it was."""
+    from agents.config import load_config
+    cfg = load_config(str(bm.CONFIGS / f"{problem_name}.yaml"), [])
+    grid_problem = load_problem(problem_name, **cfg["problem_overrides"])
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return (lambda _: random_build(grid_problem, rng)), {"builder": "uniformly random legal actions"}
+    import torch
+
+    from agents.agent import Agent
+    from agents.qnetwork import NetworkConfig
+    epsilon, temperature = cfg["epsilon"]["start"], cfg["temperature"]["start"]
+
+    def agent_build(i: int) -> BuildState:
+        torch.manual_seed(1_000_003 * seed + i)  # a new initialisation per build: the first builds of many seeds
+        agent = Agent.for_problem(grid_problem, NetworkConfig(**cfg["network"], periodic=bool(grid_problem.pbc[0])))
+        with torch.inference_mode():
+            return agent.rollout(grid_problem, 1, epsilon, rng, temperature)[0]
+    return agent_build, {"builder": "untrained ASLA agent of the recipe", "network": cfg["network"],
+                         "epsilon": epsilon, "temperature": temperature}
+
+
+def measure(problem_name: str, builds: int, seed: int, kind: str = "random") -> dict:
+    build, settings = builder_for(kind, problem_name, seed)
     problem = load_problem(problem_name)  # relaxed as the benchmark's basin check relaxes
     ref = problem.reference_energy
     if ref is None:
         raise SystemExit(f"basin_odds.py: error: --problem: {problem_name} has no reference_energy to measure against")
-    rng = np.random.default_rng(seed)
     rows: list[dict] = []
     t0 = time.perf_counter()
-    for i in tqdm(range(builds), desc=f"{problem_name}: relaxing random builds", unit="build"):
-        state = random_build(grid_problem, rng)
+    for i in tqdm(range(builds), desc=f"{problem_name}: relaxing {kind} builds", unit="build"):
+        state = build(i)
         if not state.done:
             continue
         atoms = state.atoms()
@@ -68,7 +97,7 @@ def measure(problem_name: str, builds: int, seed: int) -> dict:
     above = np.array([r["relaxed_above_reference"] for r in rows if r["relaxed_above_reference"] is not None])
     hits = int((above <= TOL).sum())
     lo, hi = wilson(hits, len(rows))
-    return {"problem": problem_name, "reference_energy": ref, "tol": TOL, "builds": builds, "seed": seed,
+    return {"problem": problem_name, "builder": kind, "settings": settings, "reference_energy": ref, "tol": TOL, "builds": builds, "seed": seed,
             "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
             "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
             "relaxed_above_reference_quantiles": ({q: float(np.quantile(above, q)) for q in (0.0, 0.1, 0.5, 0.9, 1.0)}
@@ -79,17 +108,19 @@ def measure(problem_name: str, builds: int, seed: int) -> dict:
 
 def report(results: list[dict], command: str) -> str:
     lines = ["# How wide is the minimum's basin for a random grid build?", "",
-             "Uniformly random legal builds on the grid of ASLA's recipe (the benchmark's random builder), each relaxed "
+             "Builds on the grid of ASLA's recipe, by the benchmark's random builder (uniformly random legal actions) "
+             "or by an untrained ASLA agent (the recipe's network freshly initialised for each build, acting with the "
+             "recipe's starting epsilon: the first builds of ASLA runs), each relaxed "
              "as the benchmark's basin check relaxes (BFGS, template fixed, fmax 0.05 eV/Å, up to 1000 steps); "
              f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes k of "
              "its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
-             "| problem | builds relaxed | in the basin | fraction (Wilson 95%) | relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
-             "|---|---:|---:|---|---|---:|"]
+             "| problem | builder | builds relaxed | in the basin | fraction (Wilson 95%) | relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
+             "|---|---|---:|---:|---|---|---:|"]
     for r in results:
         q = r["relaxed_above_reference_quantiles"]
         spread = " / ".join(f"{q[k]:.2f}" for k in (0.0, 0.1, 0.5, 0.9)) if q else "–"
         frac = f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None else "–"
-        lines.append(f"| {r['problem']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
+        lines.append(f"| {r['problem']} | {r['builder']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
                      f"{r['median_relax_seconds']:.2f} |")
     lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}`; raw rows in basin-odds.json."]
     return "\n".join(lines) + "\n"
@@ -99,13 +130,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", nargs="+", default=["graphene-c24"])
     ap.add_argument("--builds", type=int, default=100)
+    ap.add_argument("--builder", nargs="+", choices=BUILDERS, default=["random"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs")
     args = ap.parse_args()
     if args.builds < 1:
         raise SystemExit(f"basin_odds.py: error: --builds must be at least 1, got {args.builds}")
     command = "python scripts/basin_odds.py " + " ".join(sys.argv[1:])
-    results = [measure(name, args.builds, args.seed) for name in args.problem]
+    results = [measure(name, args.builds, args.seed, kind) for name in args.problem for kind in args.builder]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "basin-odds.json", {"command": command, "results": results})

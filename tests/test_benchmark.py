@@ -206,13 +206,19 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
     lo, hi = basin_odds.wilson(5, 10)
     assert lo < 0.5 < hi
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "basin_odds.py"), "--problem", "pd100-oxide-2x2",
-                          "--builds", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                          "--builds", "4", "--builder", "random", "untrained-agent", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads((tmp_path / "basin-odds.json").read_text())["results"][0]
-    rows = result["rows"]
-    assert result["relaxed"] == len(rows) == 4 and result["in_basin"] <= 4
-    assert result["in_basin"] == sum(r["relaxed_above_reference"] <= result["tol"] for r in rows)
-    # The reference is the global minimum: no relaxed build may end below it, and relaxing never raises the energy.
-    assert all(r["relaxed_above_reference"] >= -result["tol"] for r in rows)
-    assert all(r["relaxed_above_reference"] <= r["built_above_reference"] + 1e-6 for r in rows)
-    assert "| pd100-oxide-2x2 | 4 |" in (tmp_path / "basin-odds.md").read_text()
+    results = json.loads((tmp_path / "basin-odds.json").read_text())["results"]
+    assert [r["builder"] for r in results] == ["random", "untrained-agent"]
+    for result in results:
+        rows = result["rows"]
+        assert result["relaxed"] == len(rows) == 4 and result["in_basin"] <= 4
+        assert result["in_basin"] == sum(r["relaxed_above_reference"] <= result["tol"] for r in rows)
+        # The reference is the global minimum: no relaxed build ends below it, and relaxing never raises the energy.
+        assert all(r["relaxed_above_reference"] >= -result["tol"] for r in rows)
+        assert all(r["relaxed_above_reference"] <= r["built_above_reference"] + 1e-6 for r in rows)
+    # Different builders build differently: not the same structures under another name.
+    assert [r["built_above_reference"] for r in results[0]["rows"]] != [r["built_above_reference"] for r in results[1]["rows"]]
+    report = (tmp_path / "basin-odds.md").read_text()
+    assert "| pd100-oxide-2x2 | random | 4 |" in report and "| pd100-oxide-2x2 | untrained-agent | 4 |" in report
