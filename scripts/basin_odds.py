@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import sys
 import time
@@ -73,13 +74,17 @@ def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int]
                          "epsilon": epsilon, "temperature": temperature}
 
 
-def measure(problem_name: str, builds: int, seed: int, kind: str = "random") -> dict:
+def measure(problem_name: str, builds: int, seed: int, kind: str = "random", done: dict[int, dict] | None = None) -> dict:
+    """`done`: rows of an earlier run of the same problem, builder and seed, reused where the build is the same
+    (the draws are seeded, so extending a run to more builds relaxes only the new ones)."""
     build, settings = builder_for(kind, problem_name, seed)
+    done = done or {}
     problem = load_problem(problem_name)  # relaxed as the benchmark's basin check relaxes
     ref = problem.reference_energy
     if ref is None:
         raise SystemExit(f"basin_odds.py: error: --problem: {problem_name} has no reference_energy to measure against")
     rows: list[dict] = []
+    reused = 0
     t0 = time.perf_counter()
     for i in tqdm(range(builds), desc=f"{problem_name}: relaxing {kind} builds", unit="build"):
         state = build(i)
@@ -89,6 +94,10 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random") -> 
         single = atoms.copy()
         single.calc = make_calculator(problem.calculator)
         built = float(single.get_potential_energy())
+        if i in done and abs(done[i]["built_above_reference"] - (built - ref)) < 1e-6:
+            rows.append(done[i])
+            reused += 1
+            continue
         t = time.perf_counter()
         e = relaxed_energy(problem, atoms)
         rows.append({"build": i, "built_above_reference": built - ref,
@@ -100,10 +109,23 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random") -> 
     return {"problem": problem_name, "builder": kind, "settings": settings, "reference_energy": ref, "tol": TOL, "builds": builds, "seed": seed,
             "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
             "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
-            "relaxed_above_reference_quantiles": ({q: float(np.quantile(above, q)) for q in (0.0, 0.1, 0.5, 0.9, 1.0)}
+            "relaxed_above_reference_quantiles": ({f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)}
                                                   if len(above) else {}),
             "median_relax_seconds": float(np.median([r["relax_seconds"] for r in rows])) if rows else None,
-            "seconds": time.perf_counter() - t0, "rows": rows}
+            "seconds": time.perf_counter() - t0, "reused_rows": reused, "rows": rows}
+
+
+def previous_results(path: Path) -> list[dict]:
+    """The measurements already in OUT (kept, and reused when extended); none if there is no file yet."""
+    if not path.exists():
+        return []
+    try:
+        results = json.loads(path.read_text())["results"]
+        for r in results:
+            r["problem"], r["builder"], r["seed"], r["rows"], r["command"]  # noqa: B018 - the fields reused
+        return results
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); move it away")
 
 
 def report(results: list[dict], command: str) -> str:
@@ -118,11 +140,12 @@ def report(results: list[dict], command: str) -> str:
              "|---|---|---:|---:|---|---|---:|"]
     for r in results:
         q = r["relaxed_above_reference_quantiles"]
-        spread = " / ".join(f"{q[k]:.2f}" for k in (0.0, 0.1, 0.5, 0.9)) if q else "–"
+        spread = " / ".join(f"{q[k]:.2f}" for k in ("0", "0.1", "0.5", "0.9")) if q else "–"
         frac = f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None else "–"
         lines.append(f"| {r['problem']} | {r['builder']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
                      f"{r['median_relax_seconds']:.2f} |")
-    lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}`; raw rows in basin-odds.json."]
+    lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}` (a run with more builds reuses the "
+              "relaxations of an earlier one in the same --out); raw rows in basin-odds.json."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,11 +160,18 @@ def main() -> None:
     if args.builds < 1:
         raise SystemExit(f"basin_odds.py: error: --builds must be at least 1, got {args.builds}")
     command = "python scripts/basin_odds.py " + " ".join(sys.argv[1:])
-    results = [measure(name, args.builds, args.seed, kind) for name in args.problem for kind in args.builder]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "basin-odds.json", {"command": command, "results": results})
-    text = report(results, command)
+    results = previous_results(out / "basin-odds.json")
+    for name in args.problem:
+        for kind in args.builder:
+            key = (name, kind, args.seed)
+            before = next((r for r in results if (r["problem"], r["builder"], r["seed"]) == key), None)
+            result = measure(name, args.builds, args.seed, kind, {row["build"]: row for row in (before or {}).get("rows", [])})
+            result["command"] = command
+            results = [r for r in results if r is not before] + [result]
+            write_json(out / "basin-odds.json", {"results": results})  # after each: a kill loses one measurement
+    text = report(results, " and ".join(dict.fromkeys(r["command"] for r in results)))
     atomic_write_text(out / "basin-odds.md", text)
     print(text)
 

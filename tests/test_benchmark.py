@@ -222,3 +222,12 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
     assert [r["built_above_reference"] for r in results[0]["rows"]] != [r["built_above_reference"] for r in results[1]["rows"]]
     report = (tmp_path / "basin-odds.md").read_text()
     assert "| pd100-oxide-2x2 | random | 4 |" in report and "| pd100-oxide-2x2 | untrained-agent | 4 |" in report
+    # Extended to more builds in the same place, it relaxes only the new ones and keeps the other measurement.
+    more = subprocess.run([sys.executable, str(ROOT / "scripts" / "basin_odds.py"), "--problem", "pd100-oxide-2x2",
+                           "--builds", "6", "--builder", "random", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    extended = json.loads((tmp_path / "basin-odds.json").read_text())["results"]
+    assert sorted(r["builder"] for r in extended) == ["random", "untrained-agent"]
+    grown = next(r for r in extended if r["builder"] == "random")
+    assert grown["relaxed"] == 6 and grown["reused_rows"] == 4 and grown["rows"][:4] == results[0]["rows"]
