@@ -74,7 +74,8 @@ def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int]
                          "epsilon": epsilon, "temperature": temperature}
 
 
-def measure(problem_name: str, builds: int, seed: int, kind: str = "random", done: dict[int, dict] | None = None) -> dict:
+def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
+            done: dict[int, dict] | None = None) -> dict:
     """`done`: rows of an earlier run of the same problem, builder and seed, reused where the build is the same
     (the draws are seeded, so extending a run to more builds relaxes only the new ones)."""
     build, settings = builder_for(kind, problem_name, seed)
@@ -106,7 +107,8 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random", don
     above = np.array([r["relaxed_above_reference"] for r in rows if r["relaxed_above_reference"] is not None])
     hits = int((above <= TOL).sum())
     lo, hi = wilson(hits, len(rows))
-    return {"problem": problem_name, "builder": kind, "settings": settings, "reference_energy": ref, "tol": TOL, "builds": builds, "seed": seed,
+    return {"problem": problem_name, "builder": kind, "settings": settings, "reference_energy": ref, "tol": TOL,
+            "builds": builds, "seed": seed,
             "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
             "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
             "relaxed_above_reference_quantiles": ({f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)}
@@ -167,7 +169,8 @@ def main() -> None:
         for kind in args.builder:
             key = (name, kind, args.seed)
             before = next((r for r in results if (r["problem"], r["builder"], r["seed"]) == key), None)
-            result = measure(name, args.builds, args.seed, kind, {row["build"]: row for row in (before or {}).get("rows", [])})
+            done = {row["build"]: row for row in (before or {}).get("rows", [])}
+            result = measure(name, args.builds, args.seed, kind, done)
             result["command"] = command
             results = [r for r in results if r is not before] + [result]
             write_json(out / "basin-odds.json", {"results": results})  # after each: a kill loses one measurement

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asla import load_problem
-from asla.basin import found, relaxed_energy
+from asla.basin import relaxed_energy
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
 from asla.problem import Problem
 from asla.storage import write_json
