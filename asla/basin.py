@@ -34,13 +34,15 @@ def relaxed_energy(problem: Problem, atoms: Atoms, **kwargs) -> float:  # noqa: 
     return float(relax(problem, atoms, **kwargs).info["relaxed_energy"])
 
 
+def in_basin(relaxed: float | None, ref: float | None, tol: float = 0.05) -> bool:
+    """The criterion on a relaxed energy: finite and at most `tol` eV above the reference (None, nan: not)."""
+    return relaxed is not None and ref is not None and math.isfinite(relaxed) and relaxed <= ref + tol
+
+
 def found(problem: Problem, atoms: Atoms, tol: float = 0.05) -> bool:
     """True if `atoms` relaxes to within `tol` eV of the problem's reference minimum."""
     ref = problem.reference_energy
-    if ref is None:
-        return False
-    e = relaxed_energy(problem, atoms)
-    return math.isfinite(e) and e <= ref + tol
+    return ref is not None and in_basin(relaxed_energy(problem, atoms), ref, tol)
 
 
 def first_found(problem: Problem, history: list[dict], tol: float = 0.05, window: float = math.inf) -> dict | None:
@@ -57,6 +59,6 @@ def first_found(problem: Problem, history: list[dict], tol: float = 0.05, window
         if row["energy"] > ref + window:
             continue
         e = relaxed_energy(problem, atoms_from_actions(problem, row["actions"]))
-        if math.isfinite(e) and e <= ref + tol:
+        if in_basin(e, ref, tol):
             return {**{k: v for k, v in row.items() if k != "actions"}, "relaxed_energy": e}
     return None

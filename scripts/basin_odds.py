@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_methods as bm  # noqa: E402
 
 from asla import load_problem  # noqa: E402
-from asla.basin import relaxed_energy  # noqa: E402
+from asla.basin import in_basin, relaxed_energy  # noqa: E402
 from asla.builder import BuildState, random_build  # noqa: E402
 from asla.calculators import make_calculator  # noqa: E402
 from asla.storage import atomic_write_text, write_json  # noqa: E402
@@ -105,7 +105,7 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
                      "relaxed_above_reference": (e - ref) if math.isfinite(e) else None,
                      "relax_seconds": time.perf_counter() - t})
     above = np.array([r["relaxed_above_reference"] for r in rows if r["relaxed_above_reference"] is not None])
-    hits = int((above <= TOL).sum())
+    hits = sum(in_basin(r["relaxed_above_reference"], 0.0, TOL) for r in rows)  # energies relative to the reference
     lo, hi = wilson(hits, len(rows))
     return {"problem": problem_name, "builder": kind, "settings": settings, "reference_energy": ref, "tol": TOL,
             "builds": builds, "seed": seed,

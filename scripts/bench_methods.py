@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asla import load_problem
-from asla.basin import relaxed_energy
+from asla.basin import in_basin, relaxed_energy
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
 from asla.problem import Problem
 from asla.storage import write_json
@@ -80,7 +79,7 @@ def run_method(method: str, name: str, seed: int, budget: int, work_dir: Path, q
     """Run one (method, problem, seed) with `budget` evaluations; the ledger holds what it did.
 
     `stop_when(atoms, energy)`, asked on each improvement of the best energy, ends the run early when True
-    (e.g. once it has found the minimum: `found_check`); its own time is kept off the run's clock."""
+    (e.g. once it has found the minimum: `FoundCheck`); its own time is kept off the run's clock."""
     if method not in METHODS:
         raise ValueError(f"--methods: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     prepare(method)  # one-off costs of the process (imports, Ray) stay out of the run's wall time
@@ -490,11 +489,7 @@ class FoundCheck:
             return False
         e = relaxed_energy(self.problem, atoms)
         self.relaxed[structure_key(atoms)] = e
-        return math.isfinite(e) and e <= ref + self.tol
-
-
-def found_check(problem: Problem, tol: float = 0.05, window: float = 5.0) -> FoundCheck:
-    return FoundCheck(problem, tol, window)
+        return in_basin(e, ref, self.tol)
 
 
 def _same_descent(a: dict, b: dict, max_move: float = 0.5) -> bool:
@@ -519,22 +514,19 @@ def first_in_basin(problem: Problem, trace: list[dict], tol: float = 0.05, windo
     ref = problem.reference_energy
     t0 = time.perf_counter()
     relaxed: dict[int, float] = {}
+    known = known or {}
     reused = 0
 
     def relax_row(i: int) -> float:
         nonlocal reused
         if i not in relaxed:
-            key = structure_key(trace[i]["atoms"]) if known else None
-            if key in (known or {}):
-                relaxed[i] = known[key]
-                reused += 1
-            else:
-                relaxed[i] = relaxed_energy(problem, trace[i]["atoms"])
+            key = structure_key(trace[i]["atoms"])
+            reused += key in known
+            relaxed[i] = known[key] if key in known else relaxed_energy(problem, trace[i]["atoms"])
         return relaxed[i]
 
     def hit(i: int) -> bool:
-        e = relax_row(i)
-        return math.isfinite(e) and e <= ref + tol
+        return in_basin(relax_row(i), ref, tol)
 
     result: dict[str, Any] = {"found": None}
     if ref is not None and trace:

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_methods as bm  # noqa: E402
 
 from asla import load_problem  # noqa: E402
+from asla.basin import in_basin  # noqa: E402
 from asla.storage import atomic_write_text, write_json, write_structures  # noqa: E402
 
 PROBLEMS = ("pd100-oxide-2x2", "pd100-oxide-3x3", "pd100-oxide-5x5", "graphene-c24", "graphene-c24-xtb")
@@ -169,7 +170,7 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{problem_name}-{method}-s{seed}-")))
         try:
-            stop_when = bm.found_check(problem, TOL, window) if args.stop_when_found else None
+            stop_when = bm.FoundCheck(problem, TOL, window) if args.stop_when_found else None
             outcome = bm.run_method(method, problem_name, seed, budget, work, quick=args.quick,
                                     checkpoint_every=args.checkpoint_every, stop_when=stop_when)
         except bm.Skipped as skip:
@@ -292,10 +293,6 @@ def make_report(args: argparse.Namespace, problems: list[str], methods: list[str
     write_json(out / "benchmarks.json", report)
     atomic_write_text(out / "benchmarks.md", markdown(report))
     return report
-
-
-def in_basin(relaxed: float | None, ref: float | None, tol: float) -> bool:
-    return relaxed is not None and ref is not None and relaxed <= ref + tol
 
 
 def summary_row(runs: list[dict], ref: float | None) -> dict:

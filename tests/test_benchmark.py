@@ -118,7 +118,7 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
     problem = load_problem("pd100-oxide-2x2")
     judged = {}
     for stop in (False, True):
-        check = bm.found_check(problem) if stop else None
+        check = bm.FoundCheck(problem) if stop else None
         outcome = bm.run_method("asla-zeroshot", "pd100-oxide-2x2", seed=1, budget=400, work_dir=tmp_path / str(stop),
                                 stop_when=check)
         found = bm.first_in_basin(problem, outcome.ledger.trace)["found"]
