@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import importlib.metadata
@@ -361,8 +362,10 @@ def markdown(report: dict) -> str:
              "GOFEE's candidate generation and surrogate relaxations run serially (AGOX runs them on Ray workers; "
              "its GPR keeps a one-CPU Ray pool). Details: `scripts/bench_methods.py`; each run's exact AGOX "
              "configuration is in `benchmarks.json`.", "",
-             f"**Machine.** {m['cpu']}, {m['logical_cpus']} logical CPUs (about one core of real throughput), "
-             f"{m['memory_gib']} GiB; {m['system']}.", "",
+             f"**Machine.** Runs made on {machines_text(all_runs(report))}; this report was made on {m['cpu']}, "
+             f"{m['logical_cpus']} logical CPUs (about one core of real throughput), {m['memory_gib']} GiB; "
+             f"{m['system']}. Wall times compare only within one machine: a row whose runs were made on more than "
+             "one says so under its table.", "",
              "**Versions.** " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              "**Commands.** " + ("; ".join(f"`{c}`" for c in report["commands"]) or "—"), ""]
     lines += overview(report)
@@ -386,8 +389,26 @@ def markdown(report: dict) -> str:
                          f"{_fmt(s['evals_50'])} | {_fmt(s['evals_90'])} | {_fmt(s['seconds_50'], 1)} | "
                          f"{_fmt(s['median_wall'], 1)} | {_fmt(s['seconds_per_evaluation'], 4)} | "
                          f"{_fmt(s['median_best_relaxed_above_ref'], 3)} |")
+        mixed = [f"{bm.LABELS[method]}: {machines_text(data['runs'])}" for method, data in entry["methods"].items()
+                 if len(machine_counts(data["runs"])) > 1]
+        if mixed:
+            lines += ["", "Wall-time columns of rows whose runs were made on more than one machine: "
+                      + "; ".join(mixed) + "."]
         lines.append("")
     return "\n".join(lines)
+
+
+def all_runs(report: dict) -> list[dict]:
+    return [r for e in report["problems"].values() for data in e["methods"].values() for r in data["runs"]]
+
+
+def machine_counts(runs: list[dict]) -> dict[str, int]:
+    """Records by the CPU they ran on: wall times from different machines are not comparable."""
+    return dict(collections.Counter(r.get("machine") or "unknown" for r in runs))
+
+
+def machines_text(runs: list[dict]) -> str:
+    return ", ".join(f"{cpu} ({n} run{'' if n == 1 else 's'})" for cpu, n in machine_counts(runs).items()) or "—"
 
 
 def window_counts(runs: list[dict]) -> dict[str, int]:

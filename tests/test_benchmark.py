@@ -232,3 +232,23 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
     assert sorted(r["builder"] for r in extended) == ["random", "untrained-agent"]
     grown = next(r for r in extended if r["builder"] == "random")
     assert grown["relaxed"] == 6 and grown["reused_rows"] == 4 and grown["rows"][:4] == results[0]["rows"]
+
+
+def test_report_names_the_machines_its_runs_were_made_on_and_flags_rows_that_mix_them():
+    """Records restored from another machine keep its CPU: wall times across CPUs are not comparable, so say so."""
+    sys.modules.pop("benchmark", None)
+    import benchmark
+    run = {"budget": 100, "tol": 0.05, "evaluations_spent": 100, "wall_seconds": 50.0, "window": 5.0,
+           "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": 1.0}
+    report = {"tol": 0.05, "versions": {"asla": "0"}, "commands": [],
+              "machine": {"cpu": "CPU C", "logical_cpus": 2, "memory_gib": 1.0, "system": "Linux"},
+              "problems": {"p": {"reference_energy": 0.0, "reference_method": "m", "methods": {
+                  "random": {"status": "done", "runs": [{**run, "machine": "CPU A"}, {**run, "machine": "CPU B"}]},
+                  "bh": {"status": "done", "runs": [{**run, "machine": "CPU A"}, {**run}]}}}}}
+    md = benchmark.markdown(report)
+    assert "Runs made on CPU A (2 runs), CPU B (1 run), unknown (1 run); this report was made on CPU C" in md
+    note = next(line for line in md.splitlines() if line.startswith("Wall-time columns"))
+    assert "random builder (floor): CPU A (1 run), CPU B (1 run)" in note and "unknown (1 run)" in note
+    report["problems"]["p"]["methods"]["random"]["runs"][1]["machine"] = "CPU A"
+    report["problems"]["p"]["methods"]["bh"]["runs"][1]["machine"] = "CPU A"
+    assert "Wall-time columns" not in benchmark.markdown(report)  # one machine: nothing to flag
