@@ -456,16 +456,19 @@ def plot_problem(name: str, entry: dict, path: Path) -> None:
         if not runs:
             continue
         colour = f"C{n}"
-        label = f"{bm.LABELS[method]} ({len(runs)} seeds)"
+        hits = [r["found_at_evaluations"] for r in runs]
+        # found/seeds in the label: curves that never leave zero lie on top of one another
+        label = f"{bm.LABELS[method]} ({sum(h is not None for h in hits)}/{len(runs)} seeds)"
         budget = max(r["budget"] for r in runs)
         xs = np.linspace(0, budget, 1000)
-        ax_e.step(xs, success_curve([r["found_at_evaluations"] for r in runs], xs, len(runs)), where="post",
-                  color=colour, label=label)
+        curve = success_curve(hits, xs, len(runs))
+        ax_e.step(xs, curve, where="post", color=colour, label=label)
+        ax_e.plot([budget], [curve[-1]], marker="|", markersize=12, color=colour)  # where its budget ends
         t_max = max(r["wall_seconds"] for r in runs)
         ts = np.geomspace(0.1, max(t_max, 0.2), 1000)
         ax_t.step(ts, success_curve([r["found_at_seconds"] for r in runs], ts, len(runs)), where="post",
                   color=colour, label=label)
-    ax_e.set_xlabel("energy evaluations (single points + relaxation steps)")
+    ax_e.set_xlabel("energy evaluations (single points + relaxation steps; | marks a budget's end)")
     ax_t.set_xlabel("wall time per run (s)")
     ax_t.set_xscale("log")
     for ax in (ax_e, ax_t):
