@@ -167,6 +167,9 @@ def test_summary_counts_a_final_best_in_the_basin_that_the_window_skipped():
     s = benchmark.summary_row(runs, ref)
     assert (s["n"], s["found"], s["found_by_end_any_window"]) == (4, 1, 2)
     assert benchmark.summary_row(runs, None)["found_by_end_any_window"] == 1  # no reference: only a real hit
+    # at equal evaluations (the smallest budget of the problem's methods): only hits by then count
+    assert [benchmark.summary_row(runs, ref, w)["found_within"] for w in (39, 40)] == [0, 1]
+    assert s["found_within"] is None
 
 
 def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_run_would_be(tmp_path):
