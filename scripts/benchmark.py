@@ -18,6 +18,7 @@ Usage:
     python scripts/benchmark.py --problems pd100-oxide-2x2 --methods rss bh gofee random --seeds 2 --budget 2000
     python scripts/benchmark.py --report-only                    # remake the report from finished records
     python scripts/benchmark.py --restore-from docs/benchmarks.json --seeds 10   # extend the committed report
+    python scripts/benchmark.py --restore-from docs/benchmarks.json --seeds 10 --stop-when-found --jobs 2  # both cores
     python scripts/benchmark.py --problems pd100-oxide-5x5 --methods asla asla-transfer --stop-when-found
     python scripts/benchmark.py --quick --out /tmp/b --results /tmp/b/runs   # each method briefly (a test)
 """
@@ -25,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +164,7 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
     problem = load_problem(problem_name)
     window = window_for(args, problem_name)
     base = {"problem": problem_name, "method": method, "seed": seed, "budget": budget, "window": window_json(window),
-            "tol": TOL, "reference_energy": problem.reference_energy, "command": args.command}
+            "tol": TOL, "reference_energy": problem.reference_energy, "command": args.command, "jobs": args.jobs}
     dest = record_path(Path(args.results), problem_name, method, seed).with_suffix("")
     # A training run works beside its record and checkpoints there, so a killed benchmark resumes it; the
     # other methods run in minutes and work in a temporary directory.
@@ -191,6 +195,59 @@ def run_one(args: argparse.Namespace, problem_name: str, method: str, seed: int,
             "stopped_when_found": outcome.ledger.stopped, "settings": outcome.settings, "notes": outcome.notes,
             "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in trace],
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()["cpu"]}
+
+
+def record_stands(args: argparse.Namespace, results: Path, p: str, m: str, s: int, label: str) -> bool:
+    """Whether a finished record makes a run unnecessary: same budget and window, or another window with trace
+    structures to judge it again from (done here, in seconds)."""
+    path = record_path(results, p, m, s)
+    old = load_record(path)
+    window = window_for(args, p)
+    if not old or old.get("budget") != budget_for(args, p, m):
+        return False
+    if old.get("window") == window_json(window):
+        return True
+    if not trace_path(path).exists():
+        return False
+    rec = rejudge(args, old, path, window)
+    write_json(path, rec)
+    print(f"{label} {p} {m} seed {s}: judged again with window {window} (was {old.get('window')}): found "
+          f"{rec['found_at_evaluations'] if rec['found_at_evaluations'] is not None else 'no'} (was "
+          f"{old['found_at_evaluations'] if old['found_at_evaluations'] is not None else 'no'})", flush=True)
+    return True
+
+
+def attempt(args: argparse.Namespace, p: str, m: str, s: int) -> tuple[dict | None, str | None]:
+    """run_one, with a failure returned as its traceback text: a worker process's exception may not pickle."""
+    try:
+        return run_one(args, p, m, s, budget_for(args, p, m)), None
+    except Exception:  # noqa: BLE001 - the caller counts it and goes on with the other runs
+        return None, traceback.format_exc()
+
+
+def run_jobs(args: argparse.Namespace, todo: list[tuple[int, str, str, int]],
+             skips: dict[tuple[str, str], str]) -> Iterator[tuple[tuple[int, str, str, int], dict | None, str | None]]:
+    """The runs, as they finish: in this process one after another, or with --jobs N in N worker processes (a fresh
+    one per run: AGOX starts its own Ray instance, torch keeps threads), so one command keeps every core busy.
+    Each run writes only its own files, so parallel runs cannot clash; each record keeps the number of jobs it ran
+    beside, since wall times depend on it."""
+    if args.jobs <= 1:
+        for job in todo:
+            if (job[1], job[2]) not in skips:  # e.g. the transfer method without a source: its first seed says so
+                yield job, *attempt(args, *job[1:])
+        return
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's and Ray's threads half-made
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(attempt, args, *job[1:]): job for job in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    yield futures[future], *future.result()
+                except concurrent.futures.process.BrokenProcessPool as err:  # a worker killed (e.g. out of memory)
+                    yield futures[future], None, f"worker process died: {err}"
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def import_training_run(args: argparse.Namespace, problem_name: str, method: str, seed: int, run_dir: Path) -> dict:
@@ -522,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
                          "every improvement within the window, off the clock): the success curves are the same, "
                          "found runs cost less (a training run so stopped keeps its last checkpoint's agent, if "
                          "it reached one)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each in its own process (default 1; on a 2-core machine 2 finishes the "
+                         "protocol in about half the wall time, each run somewhat slower); sets OMP_NUM_THREADS=1 "
+                         "unless it is set")
     ap.add_argument("--report-only", action="store_true", help="remake the report from finished runs; run nothing")
     ap.add_argument("--restore-from", metavar="BENCHMARKS_JSON",
                     help="first copy the finished runs of a report's benchmarks.json (e.g. docs/benchmarks.json) "
@@ -537,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = args.seeds or QUICK["seeds"]
         args.budget = args.budget or QUICK["budget"]
         args.gofee_budget = args.gofee_budget or QUICK["gofee_budget"]
+    if args.jobs < 1:
+        ap.error(f"--jobs: expected a number of runs at a time >= 1, got {args.jobs}")
+    if args.jobs > 1:  # N runs with N threads each would fight over the cores
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     for m in args.methods:
         if m not in bm.METHODS:
             ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
@@ -569,35 +634,21 @@ def main(argv: list[str] | None = None) -> int:
         args.report_only = True
     failures = 0
     jobs = [(p, m, s) for p in args.problems for m in args.methods for s in seeds if s >= args.from_seed]
+    todo = []
     for n, (p, m, s) in enumerate(jobs, 1):
-        if args.report_only or (p, m) in skips:
+        if args.report_only or (p, m) in skips or record_stands(args, results, p, m, s, f"[{n}/{len(jobs)}]"):
             continue
-        budget = budget_for(args, p, m)
-        path = record_path(results, p, m, s)
-        old = load_record(path)
-        window = window_for(args, p)
-        if old and old.get("budget") == budget:
-            if old.get("window") == window_json(window):
-                continue
-            if trace_path(path).exists():
-                rec = rejudge(args, old, path, window)
-                write_json(path, rec)
-                print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: judged again with window {window} (was "
-                      f"{old.get('window')}): found "
-                      f"{rec['found_at_evaluations'] if rec['found_at_evaluations'] is not None else 'no'} (was "
-                      f"{old['found_at_evaluations'] if old['found_at_evaluations'] is not None else 'no'})",
-                      flush=True)
-                continue
-        try:
-            rec = run_one(args, p, m, s, budget)
-        except Exception:  # noqa: BLE001 - one failed run must not lose the others; reported, exit status 1
+        todo.append((n, p, m, s))
+    for (n, p, m, s), rec, error in run_jobs(args, todo, skips):
+        if error is not None:  # one failed run must not lose the others; reported, exit status 1
             failures += 1
-            print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: FAILED\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            print(f"[{n}/{len(jobs)}] {p} {m} seed {s}: FAILED\n{error}", file=sys.stderr, flush=True)
             continue
         if rec["status"] != "done":
             skips[(p, m)] = rec["status"]
             print(f"[{n}/{len(jobs)}] {p} {m}: {rec['status']}", flush=True)
             continue
+        path = record_path(results, p, m, s)
         write_json(path, rec)
         shutil.rmtree(f"{path.with_suffix('')}.work", ignore_errors=True)  # a training run's checkpoints: done with
         hit = rec["found_at_evaluations"]
