@@ -428,7 +428,7 @@ def markdown(report: dict) -> str:
              f"{m['system']}. Wall times compare only within one machine: a row whose runs were made on more than "
              "one says so under its table.", "",
              "**Versions.** " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
-             "**Commands.** " + ("; ".join(f"`{c}`" for c in report["commands"]) or "—"), ""]
+             *commands_text(report)]
     lines += overview(report)
     for name, entry in report["problems"].items():
         ref = entry["reference_energy"]
@@ -461,6 +461,22 @@ def markdown(report: dict) -> str:
                       + "; ".join(mixed) + "."]
         lines.append("")
     return "\n".join(lines)
+
+
+def commands_text(report: dict) -> list[str]:
+    """The one command that finishes (or extends) the protocol, then every command its records were made by: the
+    records' own, in the order met, folded away since a report grown over many sessions has dozens."""
+    problems = " ".join(report["problems"])
+    lines = ["**Commands.** To finish the protocol on any machine (the runs of this report restored as records, only "
+             "what is missing run, two at a time): `python scripts/benchmark.py --restore-from docs/benchmarks.json "
+             f"--problems {problems} --seeds {PROTOCOL_SEEDS} --stop-when-found --jobs 2 --out docs`; to remake this "
+             f"report from the records: `python scripts/benchmark.py --report-only --problems {problems} --seeds "
+             f"{PROTOCOL_SEEDS} --out docs`.", ""]
+    if report["commands"]:
+        lines += [f"<details><summary>The {len(report['commands'])} commands that made the records (each record "
+                  "names its own in benchmarks.json)</summary>", "",
+                  *(f"- `{c}`" for c in report["commands"]), "", "</details>", ""]
+    return lines
 
 
 def all_runs(report: dict) -> list[dict]:

@@ -62,6 +62,9 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
         assert any(line.startswith(f"| {label}") for line in md.splitlines()), label
     assert records["asla-zeroshot"]["settings"]["agent"] == "pd100-oxide-3x3"  # an agent of another cell
     assert "skipped: no transfer source for pd100-oxide-2x2" in md
+    # the one command that finishes the protocol, then the commands the records were made by
+    assert "--problems pd100-oxide-2x2 --seeds 10 --stop-when-found --jobs 2 --out docs`" in md
+    assert "- `python scripts/benchmark.py --quick --jobs 2 --out" in md
     assert "agox 3." in md and (out / "benchmarks-pd100-oxide-2x2.png").stat().st_size > 10_000
     report = json.loads((out / "benchmarks.json").read_text())
     assert report["problems"]["pd100-oxide-2x2"]["reference_energy"] == load_problem("pd100-oxide-2x2").reference_energy
