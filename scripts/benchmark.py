@@ -390,9 +390,10 @@ def markdown(report: dict) -> str:
              "one evaluation is one geometry whose energy and/or forces were computed (single points and every "
              "local-relaxation step with the real calculator; a cached repeat costs nothing), and a run stops when "
              "its budget is spent, or, if run with `--stop-when-found` (`stopped_when_found` in `benchmarks.json`), "
-             "at its first improvement that relaxes into the basin below (checked online on each improvement, "
-             "its time off the clock): a run adds only its first hit to the success curves, so they are the same "
-             "either way; wall time per run is therefore reported until found, else to the end of the budget. "
+             "at its first improvement that relaxes into the basin below (checked online, its time off the clock; "
+             "a local relaxation's steps by its start and its end, so a hit only its later steps reach stops the "
+             "run at its next improvement): a run adds only its first hit to the success curves, so they are the "
+             "same either way; wall time per run is therefore reported until found, else to the end of the budget. "
              "A run has *found* the global minimum at the first improvement of its best energy "
              "whose structure, relaxed with the problem's calculator (template fixed; offline, not counted), ends "
              f"within {report['tol']} eV of the reference (the basin criterion, ASLA.md section 9; `asla.basin`). "
@@ -592,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                          "a killed benchmark resumes its training run from the last one")
     ap.add_argument("--stop-when-found", action="store_true",
                     help="end each run at its first improvement that relaxes into the minimum's basin (checked on "
-                         "every improvement within the window, off the clock): the success curves are the same, "
+                         "the improvements within the window, a local relaxation's steps by its start and end; off "
+                         "the clock): the success curves are the same, "
                          "found runs cost less (a training run so stopped keeps its last checkpoint's agent, if "
                          "it reached one)")
     ap.add_argument("--jobs", type=int, default=1,

@@ -139,6 +139,41 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
     assert judged[True][1] == judged[True][0] and judged[True][2]  # and nothing spent after it
 
 
+def test_online_check_relaxes_a_descent_by_its_start_and_its_end_and_the_offline_verdict_agrees(monkeypatch):
+    import bench_methods as bm
+    problem = load_problem("pd100-oxide-2x2")
+    ref = problem.reference_energy
+    base = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    start = base.copy()
+    start.positions[:, 2] += 2.0  # a new structure; then three steps of its local relaxation, 0.1 A each
+    steps = [start.copy() for _ in range(3)]
+    for k, atoms in enumerate(steps):
+        atoms.positions[:, 2] -= 0.1 * (k + 1)
+    elsewhere = base.copy()
+    elsewhere.positions[:, 0] += 1.0
+    in_basin_key = bm.structure_key(steps[-1])  # only the descent's end relaxes into the basin
+    relaxed = []
+
+    def fake_relaxed_energy(problem, atoms):  # noqa: ANN001, ANN202
+        relaxed.append(bm.structure_key(atoms))
+        return ref if relaxed[-1] == in_basin_key else ref + 1.0
+
+    monkeypatch.setattr(bm, "relaxed_energy", fake_relaxed_energy)
+    check = bm.FoundCheck(problem, window=5.0)
+    sequence = [start, *steps]
+    assert [check(a, ref + 1.0 - 0.1 * k) for k, a in enumerate(sequence)] == [False] * 4
+    assert relaxed == [bm.structure_key(start)]  # the start at once, the steps not yet
+    assert check(elsewhere, ref + 0.5)  # the descent ended: its lowest point is in the basin, the run stops here
+    assert relaxed == [bm.structure_key(start), in_basin_key]
+    # Offline the same trace gives the first hit in that descent, the online relaxations reused.
+    trace = [{"evaluations": 10 + k, "seconds": 0.1 * k, "energy": ref + 1.0 - 0.1 * k, "atoms": a}
+             for k, a in enumerate(sequence)]
+    trace.append({"evaluations": 20, "seconds": 2.0, "energy": ref + 0.5, "atoms": elsewhere})
+    verdict = bm.first_in_basin(problem, trace, window=5.0, known=check.relaxed)
+    assert verdict["found"]["evaluations"] == 13
+    assert verdict["reused"] == 2
+
+
 def test_profile_of_a_run_names_where_its_time_goes_and_writes_nothing_but_its_profile(tmp_path, monkeypatch):
     import profile_method
 
