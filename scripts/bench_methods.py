@@ -483,7 +483,7 @@ class FoundCheck:
     judged by its start, at once, and by its lowest point, once the descent has ended, i.e. at the next improvement
     that starts elsewhere; its steps in between are not relaxed. RSS and basin hopping improve the best at every
     step of a relaxation (60-140 per run on the xTB graphene): relaxing each took 15-20 min per run there, against
-    16-26 s for the descents' ends. A hit that only a descent's later steps reach stops the run late (or not at
+    16-230 s for the descents' ends. A hit that only a descent's later steps reach stops the run late (or not at
     all); the record's first hit is still the offline judgement's."""
 
     def __init__(self, problem: Problem, tol: float = 0.05, window: float = 5.0) -> None:
