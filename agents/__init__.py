@@ -1,5 +1,9 @@
-"""The ASLA agent: CNN Q-network, Q-learning with symmetry augmentation, checkpoints, pretrained agents."""
+"""The ASLA agent (``asla.agents``): CNN Q-network, Q-learning with symmetry augmentation, checkpoints, pretrained
+agents. The training loop is ``asla.agents.training``; ``train`` is re-exported lazily so that importing the agent
+does not import TensorBoard."""
 from __future__ import annotations
+
+from typing import Any
 
 from .agent import Agent, BuildResult, list_pretrained
 from .qnetwork import NetworkConfig, QNetwork
@@ -7,6 +11,8 @@ from .qnetwork import NetworkConfig, QNetwork
 __all__ = ["Agent", "BuildResult", "NetworkConfig", "QNetwork", "list_pretrained", "train"]
 
 
-def train(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy wrapper keeps `import agents` light
-    from .train import train as _train
-    return _train(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name == "train":
+        from .training import train
+        return train
+    raise AttributeError(f"module 'asla.agents' has no attribute {name!r}")

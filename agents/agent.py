@@ -58,7 +58,7 @@ class Agent:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def for_problem(cls, problem: Problem, network: NetworkConfig | None = None, device: str | None = None) -> "Agent":
+    def for_problem(cls, problem: Problem, network: NetworkConfig | None = None, device: str | None = None) -> Agent:
         network = network or NetworkConfig(periodic=bool(problem.pbc[0]))
         agent = cls(problem.species, problem.grid.spacing, problem.grid.n_layers, observation_shape(problem)[0],
                     network, device=device)
@@ -175,7 +175,7 @@ class Agent:
         save_tensors(path, self.net.state_dict(), self.card)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> "Agent":
+    def load(cls, path: str | Path, device: str | None = None) -> Agent:
         path = resolve_agent_path(path)
         tensors, card = load_tensors(path)
         try:

@@ -79,7 +79,7 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.exists():
             from importlib import resources
-            shipped = Path(str(resources.files("configs"))) / f"{path}.yaml"
+            shipped = Path(str(resources.files("asla.configs"))) / f"{path}.yaml"
             if not shipped.exists():
                 raise ConfigError("config", f"file {str(path)!r} does not exist")
             p = shipped

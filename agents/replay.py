@@ -23,7 +23,7 @@ class Episode:
         return [self.actions, None if math.isnan(self.energy) else self.energy, list(self.key), self.episode]
 
     @classmethod
-    def from_json(cls, row: list) -> "Episode":
+    def from_json(cls, row: list) -> Episode:
         return cls(list(row[0]), float("nan") if row[1] is None else float(row[1]), tuple(row[2]), int(row[3]))
 
 

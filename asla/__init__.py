@@ -21,5 +21,8 @@ if not _chosen and "numpy" in __import__("sys").modules:
 from .errors import AslaError, CalculatorError, CheckpointError, ConfigError, ProblemError  # noqa: E402
 from .problem import Problem, list_problems, load_problem  # noqa: E402
 
-__all__ = ["AslaError", "CalculatorError", "CheckpointError", "ConfigError", "Problem", "ProblemError",
+__all__ = ["envs", "AslaError", "CalculatorError", "CheckpointError", "ConfigError", "Problem", "ProblemError",
            "list_problems", "load_problem", "__version__"]
+
+# Gymnasium ids asla/<problem>-v0 exist as soon as asla is imported, as `gymnasium.make` users expect.
+from . import envs as envs  # noqa: E402

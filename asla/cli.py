@@ -124,7 +124,7 @@ def cmd_random(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agents.train import train
+    from asla.agents.training import train
     if not args.config and not args.resume:
         raise SystemExit("asla train: give a recipe (e.g. configs/tiny-pd2o.yaml) or --resume RUN_DIR")
     overrides = list(args.overrides)
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from agents.agent import Agent
+    from asla.agents.agent import Agent
 
     from .problem import load_problem
     from .storage import write_structures

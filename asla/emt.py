@@ -21,8 +21,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from ase.calculators.calculator import (Calculator, PropertyNotImplementedError, all_changes,
-                                        compare_atoms)
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes, compare_atoms
 from ase.calculators.emt import EMT as _AseEMT
 from ase.calculators.emt import beta
 from ase.geometry import complete_cell

@@ -11,7 +11,8 @@ import concurrent.futures as cf
 import logging
 import math
 import multiprocessing as mp
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ase import Atoms
 

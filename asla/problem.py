@@ -128,7 +128,7 @@ class Problem:
 # -- loading ---------------------------------------------------------------------------------
 
 def shipped_problem_dir() -> Path:
-    return Path(str(resources.files("configs"))) / "problems"
+    return Path(str(resources.files("asla.configs"))) / "problems"
 
 
 def list_problems() -> list[str]:

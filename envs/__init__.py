@@ -1,4 +1,4 @@
-"""Gymnasium environments for asla problems: ``gymnasium.make("asla/<problem>-v0")`` after ``import envs``."""
+"""Gymnasium environments for asla problems: ``gymnasium.make("asla/<problem>-v0")`` after ``import asla`` (which registers them)."""
 from __future__ import annotations
 
 import gymnasium
@@ -16,9 +16,9 @@ def register_all() -> None:
         env_id = f"asla/{name}-v0"
         ENV_IDS[name] = env_id
         if env_id not in gymnasium.registry:
-            gymnasium.register(id=env_id, entry_point="envs.build_env:AtomBuildEnv", kwargs={"problem": name})
+            gymnasium.register(id=env_id, entry_point="asla.envs.build_env:AtomBuildEnv", kwargs={"problem": name})
     if "asla/AtomBuild-v0" not in gymnasium.registry:
-        gymnasium.register(id="asla/AtomBuild-v0", entry_point="envs.build_env:AtomBuildEnv")
+        gymnasium.register(id="asla/AtomBuild-v0", entry_point="asla.envs.build_env:AtomBuildEnv")
 
 
 register_all()

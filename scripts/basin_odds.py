@@ -53,16 +53,15 @@ BUILDERS = ("random", "untrained-agent")
 
 def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int], BuildState], dict]:
     """A function i -> the i-th build of `kind`, on the grid of ASLA's recipe, and what it was."""
-    from agents.config import load_config
+    from asla.agents.config import load_config
     cfg = load_config(str(bm.CONFIGS / f"{problem_name}.yaml"), [])
     grid_problem = load_problem(problem_name, **cfg["problem_overrides"])
     rng = np.random.default_rng(seed)
     if kind == "random":
         return (lambda _: random_build(grid_problem, rng)), {"builder": "uniformly random legal actions"}
     import torch
-
-    from agents.agent import Agent
-    from agents.qnetwork import NetworkConfig
+    from asla.agents.agent import Agent
+    from asla.agents.qnetwork import NetworkConfig
     epsilon, temperature = cfg["epsilon"]["start"], cfg["temperature"]["start"]
 
     def agent_build(i: int) -> BuildState:

@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class Outcome:
 
 def recipe_overrides(name: str) -> dict:
     """The problem overrides of ASLA's recipe (e.g. ten relaxation steps before the reward on Pd)."""
-    from agents.config import load_config
+    from asla.agents.config import load_config
     return dict(load_config(str(CONFIGS / f"{name}.yaml"), [])["problem_overrides"])
 
 
@@ -121,8 +122,8 @@ def prepare(method: str) -> None:
             start_ray_for_agox()
             warm_agox_pool()
     else:
-        import agents.agent  # noqa: F401
-        import agents.train  # noqa: F401
+        import asla.agents.agent  # noqa: F401
+        import asla.agents.training  # noqa: F401
 
 
 # ---- ASLA and the random floor ----------------------------------------------------------------------
@@ -135,7 +136,7 @@ def _counting_problem(name: str, ledger_name: str) -> Problem:
 
 def _asla_config(name: str, seed: int, budget: int | None, ledger_name: str,
                  checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
-    from agents.config import load_config
+    from asla.agents.config import load_config
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), [
         f"seed={seed}", "episodes=100000000", "log_images_every=100000000", "record_evaluations=false",
         f"checkpoint_every={checkpoint_every}", "executor=serial", *([f"max_evaluations={budget}"] if budget else [])])
@@ -146,7 +147,7 @@ def _asla_config(name: str, seed: int, budget: int | None, ledger_name: str,
 
 def _train(cfg: dict, work_dir: Path, outcome: Outcome, init_from: str | None = None) -> None:
     """Train until the budget; a run killed midway resumes from its last checkpoint, ledger and clock included."""
-    from agents.train import train
+    from asla.agents.training import train
     outcome.settings.update({"recipe": f"configs/{cfg['problem']}.yaml", "problem_overrides":
                              {k: v for k, v in cfg["problem_overrides"].items() if k != "calculator"},
                              "n_builders": cfg["n_builders"], "init_from": init_from, "executor": "serial",
@@ -170,7 +171,7 @@ def _train(cfg: dict, work_dir: Path, outcome: Outcome, init_from: str | None = 
 
 
 def _checkpointed_ledger(run_dir: Path) -> dict | None:
-    from agents.train import latest_checkpoint
+    from asla.agents.training import latest_checkpoint
     checkpoint = latest_checkpoint(run_dir)
     try:
         return json.loads((checkpoint / LEDGER_FILE).read_text()) if checkpoint else None
@@ -195,7 +196,8 @@ def pretrained_source(method: str, name: str) -> str:
 
 
 def _pretrained(agent_name: str) -> str:
-    from agents.agent import resolve_agent_path
+    from asla.agents.agent import resolve_agent_path
+
     from asla.errors import CheckpointError
     try:
         return str(resolve_agent_path(agent_name))
@@ -211,7 +213,8 @@ def _asla_transfer(*, name: str, seed: int, ledger_name: str, work_dir: Path, ou
 
 
 def _zero_shot(*, name: str, seed: int, ledger_name: str, outcome: Outcome, **_: Any) -> None:
-    from agents.agent import Agent
+    from asla.agents.agent import Agent
+
     from asla.reward import EnergyEvaluator
     agent_name = ZERO_SHOT_AGENT.get(name)
     agent = Agent.load(pretrained_source("asla-zeroshot", name))

@@ -11,8 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
-from agents.config import load_config
-from agents.train import train
+from asla.agents.config import load_config
+from asla.agents.training import train
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from asla.agents.config import load_config
+from asla.agents.training import train
 
-from agents.config import load_config
-from agents.train import train
 from asla import load_problem
 from asla.basin import first_found, relaxed_energy
 from asla.builder import atoms_from_actions, random_build

@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 import yaml
+from asla.agents.agent import PRETRAINED_DIR, Agent
 
-from agents.agent import PRETRAINED_DIR, Agent
 from asla import load_problem
 from asla.basin import relaxed_energy
 

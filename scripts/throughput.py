@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -114,11 +115,12 @@ def run_config(spec: dict) -> list[dict]:
 def run_one(problem: Any, spec: dict) -> dict:
     import importlib
 
-    from agents.agent import Agent
-    from agents.config import load_config
+    from asla.agents.agent import Agent
+    from asla.agents.config import load_config
+
     from asla.reward import EnergyEvaluator
 
-    train_mod = importlib.import_module("agents.train")  # the module (agents exports a function of that name)
+    train_mod = importlib.import_module("asla.agents.training")  # the module (agents exports a function of that name)
     load0 = os.getloadavg()[0]
     recorded: list[tuple[Any, float, int]] = []
 
@@ -238,12 +240,12 @@ def _floor(problem: Any, structures: list) -> tuple[float, list[int], list[float
 
 def run_micro(spec: dict) -> dict:
     import torch
+    from asla.agents.agent import Agent
+    from asla.agents.config import load_config
+    from asla.agents.qnetwork import NetworkConfig
+    from asla.agents.replay import Episode, ReplayBuffer
+    from asla.agents.training import _learn_step
 
-    from agents.agent import Agent
-    from agents.config import load_config
-    from agents.qnetwork import NetworkConfig
-    from agents.replay import Episode, ReplayBuffer
-    from agents.train import _learn_step
     from asla import load_problem
     from asla.builder import BuildState, random_build
     from asla.reward import RewardScale

@@ -12,9 +12,10 @@ import argparse
 import tempfile
 import time
 
-from agents.agent import Agent
-from agents.config import load_config
-from agents.train import train
+from asla.agents.agent import Agent
+from asla.agents.config import load_config
+from asla.agents.training import train
+
 from asla import load_problem
 
 

@@ -6,14 +6,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from asla.agents import augmentation
+from asla.agents.agent import Agent
+from asla.agents.config import load_config
+from asla.agents.qnetwork import NetworkConfig, QNetwork
+from asla.agents.training import train
 
-from agents import augmentation
-from agents.agent import Agent
-from agents.config import load_config
-from agents.qnetwork import NetworkConfig, QNetwork
-from agents.train import train
 from asla import CheckpointError, ConfigError, load_problem
-from asla.builder import BuildState, atoms_from_actions, encode_action, encode_observation, observation_shape, random_build
+from asla.builder import (
+    BuildState,
+    atoms_from_actions,
+    encode_action,
+    encode_observation,
+    observation_shape,
+    random_build,
+)
 from asla.reward import EnergyEvaluator
 
 TINY = {"network": {"width": 8, "depth": 2, "kernel": 3}, "n_builders": 4, "checkpoint_every": 20,

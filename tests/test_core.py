@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 
+import asla.envs
 import gymnasium as gym
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-import envs
 from asla import CalculatorError, ProblemError, list_problems, load_problem
 from asla.builder import BuildState, encode_action, encode_observation, random_build
 from asla.calculators import make_calculator, make_safe_tersoff
@@ -280,7 +280,7 @@ def test_database_write_is_not_blocked_by_a_killed_writers_lock_file(tmp_path):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_env_checker_and_random_rollout(name):
     from gymnasium.utils.env_checker import check_env
-    env = gym.make(envs.ENV_IDS[name], render_mode="rgb_array")
+    env = gym.make(asla.envs.ENV_IDS[name], render_mode="rgb_array")
     check_env(env.unwrapped)
     obs, info = env.reset(seed=0)
     rng = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from asla.agents.config import load_config
+from asla.agents.training import train
 
-from agents.config import load_config
-from agents.train import train
 from asla import load_problem
 from asla.builder import random_build
 from asla.executor import ProcessExecutor, make_executor
@@ -85,7 +85,7 @@ def test_kill_minus_9_then_resume_loses_nothing(tmp_path):
     proc.wait()
     assert (run / "checkpoints" / "latest").exists()
     # the run directory is intact and loadable as it stands
-    from agents.agent import Agent
+    from asla.agents.agent import Agent
     Agent.load(run)
     done = subprocess.run([sys.executable, "-m", "asla.cli", "train", "--resume", str(run), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
@@ -99,8 +99,8 @@ def test_kill_minus_9_then_resume_loses_nothing(tmp_path):
 
 def test_seed_from_database(tmp_path):
     from ase.db import connect
+    from asla.agents.training import demonstrations_from_db
 
-    from agents.train import demonstrations_from_db
     from asla.builder import atoms_from_actions
     train(_cfg("serial"), run_dir=tmp_path / "a", progress=False)
     db = tmp_path / "a" / "evaluations.db"

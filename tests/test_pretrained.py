@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from asla.agents.agent import PRETRAINED_DIR, Agent, list_pretrained
 
-from agents.agent import PRETRAINED_DIR, Agent, list_pretrained
 from asla import CheckpointError, load_problem
 from asla.basin import relaxed_energy
 

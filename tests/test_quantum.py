@@ -80,8 +80,8 @@ def test_time_limit_turns_a_hanging_calculation_into_a_flagged_failure(tmp_path)
 
 
 def test_forced_failure_during_training_leaves_a_complete_resumable_run(tmp_path):
-    from agents.config import load_config
-    from agents.train import train
+    from asla.agents.config import load_config
+    from asla.agents.training import train
     problem = {"name": "tiny-broken", **load_problem(TINY).to_dict(),
                "calculator": {"name": "tests.test_quantum:Flaky", "mode": "fail"}}
     problem.pop("reference", None)
