@@ -25,7 +25,8 @@ def exact(group: SymmetryGroup, rng: np.random.Generator, points: list[np.ndarra
 
 
 def arbitrary_rotation(group: SymmetryGroup, rng: np.random.Generator, points: list[np.ndarray],
-                       action_points: np.ndarray, owner: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+                       action_points: np.ndarray,
+                       owner: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Rotate by a random angle about a random grid point and snap back to the grid.
 
     Not an exact symmetry under periodic boundaries (the papers use it as a regulariser), and

@@ -140,7 +140,8 @@ class ProcessExecutor(Executor):
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = None
         if pending:
-            raise RuntimeError(f"{len(pending)} evaluation(s) lost: workers kept dying after {self.max_retries} retries")
+            raise RuntimeError(f"{len(pending)} evaluation(s) lost: workers kept dying after "
+                               f"{self.max_retries} retries")
         return [results[i] for i in range(len(atoms))]
 
     def pids(self) -> list[int]:
@@ -199,7 +200,8 @@ class RayExecutor(Executor):
         self.actors = []
 
 
-def make_executor(problem: Problem, executor: str = "serial", workers: int = 1, ray_address: str | None = None) -> Executor:
+def make_executor(problem: Problem, executor: str = "serial", workers: int = 1,
+                  ray_address: str | None = None) -> Executor:
     if executor not in EXECUTORS:
         raise ConfigError("executor", f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if executor == "process":

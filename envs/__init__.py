@@ -1,4 +1,6 @@
-"""Gymnasium environments for asla problems: ``gymnasium.make("asla/<problem>-v0")`` after ``import asla`` (which registers them)."""
+"""Gymnasium environments for asla problems (``asla.envs``).
+
+``gymnasium.make("asla/<problem>-v0")`` works after ``import asla``, which registers one id per shipped problem."""
 from __future__ import annotations
 
 import gymnasium

@@ -71,7 +71,8 @@ def main() -> None:
     (out / "env-throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Environment throughput (random legal policy, no wrappers)", "", f"Command: `{meta['command']}`  ",
              f"Machine: {cpu}, 2 vCPUs; Python {meta['python']}. Each figure is a {args.seconds:g} s rollout.", "",
-             "| problem | atoms placed | actions | env steps/s | env episodes/s | episodes/s with the energy | calculator |",
+             "| problem | atoms placed | actions | env steps/s | env episodes/s | episodes/s with the energy "
+             "| calculator |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         full = "-" if r["episodes_per_s_with_energy"] is None else f"{r['episodes_per_s_with_energy']:.1f}"

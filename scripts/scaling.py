@@ -53,7 +53,8 @@ def main() -> None:
                 builds.append(b)
         atoms, keys = [b.atoms() for b in builds], [None] * len(builds)
         base = measure(problem, "serial", 1, atoms, keys)
-        rows.append({"calculator": calc["name"], "executor": "serial", "workers": 1, "evals_per_s": base, "speedup": 1.0})
+        rows.append({"calculator": calc["name"], "executor": "serial", "workers": 1, "evals_per_s": base,
+                     "speedup": 1.0})
         print(f"{calc['name']:6s} serial   1 worker : {base:8.2f} evaluations/s")
         for executor in args.executors:
             for w in args.workers:
@@ -67,16 +68,19 @@ def main() -> None:
                 print(f"{calc['name']:6s} {executor:8s} {w} workers: {r:8.2f} evaluations/s  x{r / base:.2f} vs serial")
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-    meta = {"command": "python scripts/scaling.py " + " ".join(f"--{k} {v}" if not isinstance(v, list) else f"--{k} {' '.join(map(str, v))}" for k, v in vars(args).items()),
+    flags = (f"--{k} {' '.join(map(str, v))}" if isinstance(v, list) else f"--{k} {v}" for k, v in vars(args).items())
+    meta = {"command": "python scripts/scaling.py " + " ".join(flags),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "problem": args.problem,
             "structures": args.structures, "sleep_seconds": args.sleep}
     (out / "scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Evaluation throughput against workers", "",
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['cpu_count']} vCPUs (about one real core), Python {meta['python']}. "
+             f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['cpu_count']} vCPUs (about one real core), Python {meta['python']}. "
              f"{args.structures} random builds of `{args.problem}` per measurement, after a warm-up.", "",
              "| calculator | executor | workers | evaluations/s | speed-up vs serial |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['calculator']} | {r['executor']} | {r['workers']} | {r['evals_per_s']:.2f} | {r['speedup']:.2f} |")
+        lines.append(f"| {r['calculator']} | {r['executor']} | {r['workers']} | {r['evals_per_s']:.2f} "
+                     f"| {r['speedup']:.2f} |")
     lines += ["", f"`sleep` is a calculator that waits {args.sleep} s per structure (a stand-in for DFT) and then "
               "computes EMT; `emt` is CPU-bound. With the sleeping calculator the speed-up follows the number of "
               "workers: the orchestration scales. EMT cannot scale on this machine, whose two vCPUs give about one "

@@ -7,7 +7,8 @@ problem's calculator (template fixed) and whether that lies in the reference min
 Usage:
     python scripts/ship_agent.py runs/transfer/source pd100-oxide-3x3
     python scripts/ship_agent.py runs/benchmarks/graphene-c24-xtb/asla-s0-agent graphene-c24-xtb \
-        --trained-with "asla train configs/graphene-c24-xtb.yaml --set seed=0 --set max_evaluations=2000 --set episodes=100000000"
+        --trained-with "asla train configs/graphene-c24-xtb.yaml --set seed=0 --set max_evaluations=2000 \\
+            --set episodes=100000000"
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def test_parallel_training_matches_serial(tmp_path, executor):
         pytest.importorskip("ray")
     serial = train(_cfg("serial"), run_dir=tmp_path / "serial", progress=False)
     parallel = train(_cfg(executor), run_dir=tmp_path / executor, progress=False)
-    assert parallel["history"] and [h["actions"] for h in parallel["history"]] == [h["actions"] for h in serial["history"]]
+    assert parallel["history"]
+    assert [h["actions"] for h in parallel["history"]] == [h["actions"] for h in serial["history"]]
     assert parallel["energy_evaluations"] == serial["energy_evaluations"]
     assert parallel["best_energy"] == serial["best_energy"]
 
