@@ -1,9 +1,11 @@
-"""Training loop (CleanRL style: it reads top to bottom).
+"""Training loop (CleanRL style: it reads top to bottom, `Trainer.run`, in named steps).
 
 Each iteration: n_builders builds in lockstep (one batched forward pass per step, ε-greedy over
-legal actions), the finished structures go to the calculator, their episodes into the replay
-buffer, then a fixed number of gradient steps on Monte-Carlo targets (the episode's reward for
-every step of it), each sample transformed by a random lattice symmetry.
+legal actions) (rollout), the finished structures go to the calculator (evaluate), their episodes
+into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
+Monte-Carlo targets (the episode's reward for every step of it), each sample transformed by a random
+lattice symmetry (learn); TensorBoard (log); a checkpoint when due. Callbacks
+(`asla.agents.callbacks`) see every iteration and hold the stop rules.
 """
 from __future__ import annotations
 
