@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from asla.errors import CheckpointError
@@ -41,11 +42,53 @@ def load_tensors(path: str | Path, expect_format: str = FORMAT) -> tuple[dict[st
     try:
         meta = json.loads(jfile.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{jfile} is not valid JSON ({exc.__class__.__name__}): corrupt or foreign file") from None
+        raise CheckpointError(f"{jfile} is not valid JSON ({exc.__class__.__name__}): corrupt or foreign file") \
+            from None
     if not isinstance(meta, dict) or meta.get("format") != expect_format:
-        raise CheckpointError(f"{jfile} is not an {expect_format} card (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{jfile} is not an {expect_format} card (format={found!r})")
     try:
         tensors = load(wfile.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{wfile} is not a readable safetensors file: {str(exc).splitlines()[0][:120]}") from None
     return tensors, meta
+
+
+# ---- optimizer and random generators: state_dict pairs that split into tensors and JSON --------------------
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer,
+                         prefix: str = "opt.") -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's ``state_dict()`` as (tensors, JSON): tensors named ``{prefix}{param index}.{name}`` (Adam's
+    moments and step), the rest as ``{"param_groups": ..., "scalars": {index: {name: value}}}``."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt["state"].items():
+        scalars[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}{idx}.{k}"] = v
+            else:
+                scalars[str(idx)][k] = v
+    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                              prefix: str = "opt.") -> None:
+    """Inverse of `optimizer_state_dict` (tensors not starting with `prefix` are ignored)."""
+    state: dict[int, dict[str, Any]] = {int(idx): dict(scalars) for idx, scalars in meta["scalars"].items()}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            idx, name = k[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state_dict(rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Torch's global generator (a tensor, ``torch_rng``) and the NumPy generator's bit-generator state (JSON)."""
+    return {"torch_rng": torch.get_rng_state()}, rng.bit_generator.state
+
+
+def load_rng_state_dict(rng: np.random.Generator, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    torch.set_rng_state(tensors["torch_rng"])
+    rng.bit_generator.state = state

@@ -81,7 +81,8 @@ class ReplayBuffer:
     def target_energy(self, ep: Episode, kind: str = "mc", prefix: list[int] | np.ndarray | None = None) -> float:
         """Energy behind a Q-target: the episode's own (mc), or the best reached through the partial
         structure `prefix` (the state plus the action; max) when any episode has built it."""
-        if kind == "max" and prefix is not None:  # a dead end still teaches its prefix what completions elsewhere reached
+        # a dead end still teaches its prefix what completions elsewhere reached
+        if kind == "max" and prefix is not None:
             return self.prefix_best.get(prefix_key(list(prefix), len(prefix)), ep.energy)
         return ep.energy
 

@@ -1,19 +1,24 @@
-"""Training loop (CleanRL style: it reads top to bottom).
+"""Training loop (CleanRL style: it reads top to bottom, `Trainer.run`, in named steps).
 
 Each iteration: n_builders builds in lockstep (one batched forward pass per step, ε-greedy over
-legal actions), the finished structures go to the calculator, their episodes into the replay
-buffer, then a fixed number of gradient steps on Monte-Carlo targets (the episode's reward for
-every step of it), each sample transformed by a random lattice symmetry.
+legal actions) (rollout), the finished structures go to the calculator (evaluate), their episodes
+into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
+Monte-Carlo targets (the episode's reward for every step of it), each sample transformed by a random
+lattice symmetry (learn); TensorBoard (log); a checkpoint when due. Callbacks
+(`asla.agents.callbacks`) see every iteration and hold the stop rules.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,15 +30,32 @@ from asla.errors import CheckpointError, ConfigError
 from asla.executor import make_executor
 from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
-from asla.reward import EnergyEvaluator, RewardScale, rewards
+from asla.reward import EnergyEvaluator, Evaluation, RewardScale, rewards
 from asla.storage import append_db, atomic_write_text, open_db, write_json, write_structures
 
 from . import augmentation
 from .agent import Agent
-from .checkpoint import load_tensors, save_tensors
+from .callbacks import BaseCallback, CallbackList, CheckpointHook
+from .callbacks import from_config as callbacks_from_config
+from .checkpoint import (
+    load_optimizer_state_dict,
+    load_rng_state_dict,
+    load_tensors,
+    optimizer_state_dict,
+    rng_state_dict,
+    save_tensors,
+)
 from .config import load_config
 from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
+
+if TYPE_CHECKING:
+    from asla.builder import BuildState
+    from asla.problem import Problem
+
+
+TRAINER_FORMAT = "asla-trainer"  # the checkpoint's trainer.json card
+REFERENCE_TOLERANCE = 1e-6  # eV: a build this close to the on-grid reference energy has found it
 
 
 def epsilon_at(schedule: dict, episode: int) -> float:
@@ -42,39 +64,373 @@ def epsilon_at(schedule: dict, episode: int) -> float:
     return float(schedule["start"] + frac * (schedule["end"] - schedule["start"]))
 
 
+def _timing_buckets() -> dict[str, float]:
+    # seconds: rollout (forward passes + environment), of it rollout_forward; calculator (+ database
+    # and cache); learn (sampling, encoding, forward + backward + Adam); logging; checkpoint
+    return {"rollout": 0.0, "rollout_forward": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0,
+            "checkpoint": 0.0}
+
+
+@dataclass
 class TrainState:
     """Counters and bests that make up a run's progress (all JSON)."""
 
-    def __init__(self) -> None:
-        self.episodes = 0
-        self.iterations = 0
-        self.best_energy = math.inf
-        self.best_actions: list[int] = []
-        self.history: list[dict] = []  # one row per improvement of the best energy
-        self.seconds = 0.0
-        # seconds: rollout (forward passes + environment), of it rollout_forward; calculator (+ database
-        # and cache); learn (sampling, encoding, forward + backward + Adam); logging; checkpoint
-        self.timing = {"rollout": 0.0, "rollout_forward": 0.0, "calculator": 0.0, "learn": 0.0, "logging": 0.0,
-                       "checkpoint": 0.0}
-        self.dead_ends = 0
-        self.grad_credit = 0.0  # gradient steps owed (grad_steps_per_episode may be fractional)
-        self.found_reference_at: dict | None = None
+    episodes: int = 0
+    iterations: int = 0
+    best_energy: float = math.inf
+    best_actions: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one row per improvement of the best energy
+    seconds: float = 0.0
+    timing: dict[str, float] = field(default_factory=_timing_buckets)
+    dead_ends: int = 0
+    grad_credit: float = 0.0  # gradient steps owed (grad_steps_per_episode may be fractional)
+    found_reference_at: dict | None = None
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def load(self, d: dict) -> None:
-        self.__dict__.update(d)
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+        self.timing = {**_timing_buckets(), **self.timing}  # a bucket newer than the checkpoint starts at 0
 
 
-def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = False,
+@dataclass
+class Batch:
+    """One iteration's builds and what the calculator said of them."""
+
+    builds: list[BuildState]
+    epsilon: float
+    temperature: float
+    keys: list[tuple[int, ...]] = field(default_factory=list)  # canonical (symmetry-reduced) keys, one per build
+    evaluations: dict[int, Evaluation] = field(default_factory=dict)  # by index into builds; finished builds only
+
+
+def train(config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
           init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None,
-          on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+          on_checkpoint: Callable[[Path], None] | None = None,
+          callbacks: BaseCallback | Sequence[BaseCallback] | None = None, problem: Problem | None = None) -> dict:
     """Train an agent; returns the run summary. Resumes from run_dir's last checkpoint if asked.
 
-    `on_checkpoint(directory)` may add files to each checkpoint before it is published, so that a caller's own
-    state (e.g. a benchmark's evaluation ledger) resumes together with the trainer's."""
-    # ---- configuration and run directory --------------------------------------------------
+    `callbacks` (`asla.agents.callbacks`) see each iteration and may stop the run or add files to its checkpoints;
+    the recipe's stop rules (``max_evaluations``, ``stop_at_reference``) come first. `on_checkpoint(directory)` is
+    `CheckpointHook(on_checkpoint)`, kept for callers from before callbacks. `problem`: the recipe's problem already
+    loaded (it must be what ``config["problem"]`` names), to skip loading it again.
+    """
+    extra = [callbacks] if isinstance(callbacks, BaseCallback) else list(callbacks or [])
+    if on_checkpoint is not None:
+        extra.append(CheckpointHook(on_checkpoint))
+    trainer = Trainer(config, run_dir=run_dir, resume=resume, init_from=init_from, progress=progress,
+                      overrides=overrides, callbacks=extra, problem=problem)
+    return trainer.run()
+
+
+class Trainer:
+    """One training run: its parts and, as methods, the steps of an iteration (CleanRL's loop, cut into steps).
+
+    Setting up: the run directory and its recipe, the problem, the seeds, the learner's parts (agent, optimizer,
+    replay, evaluator, reward scale, executor, state), then the last checkpoint (resume) or demonstrations (seed),
+    the callbacks, TensorBoard. `run()`: per iteration rollout, evaluate, record, learn, log, checkpoint; then
+    close and summarise. Each stateful part has ``state_dict``/``load_state_dict``, and so has the trainer.
+    """
+
+    def __init__(self, config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
+                 init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None,
+                 callbacks: Sequence[BaseCallback] = (), problem: Problem | None = None) -> None:
+        self.cfg, self.run_dir = prepare_run(config, run_dir, resume, init_from, overrides)
+        self.problem = problem if problem is not None else load_problem(self.cfg["problem"],
+                                                                       **self.cfg["problem_overrides"])
+        if not resume:
+            write_run_files(self.run_dir, self.cfg, self.problem)
+        self.rng = seed_everything(self.cfg)
+        self.build_learner()
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.seed_replay()
+        self.callbacks = CallbackList([*callbacks_from_config(self.cfg), *callbacks])
+        self.callbacks.init_callback(self)
+        self.open_logs(resume, progress)
+
+    # ---- setting up ------------------------------------------------------------------------------------
+
+    def build_learner(self) -> None:
+        """Agent (from --init-from if given), optimizer, replay buffer, evaluator, reward scale, executor, state."""
+        cfg, problem, learn_cfg = self.cfg, self.problem, self.cfg["learning"]
+        self.agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
+                                       device=cfg["device"])
+        self.eps_schedule = cfg["epsilon"]
+        if cfg.get("init_from"):
+            source = Agent.load(cfg["init_from"])
+            source.check_compatible(problem)
+            if source.network_config.to_dict() != self.agent.network_config.to_dict():
+                self.agent = Agent.for_problem(problem, source.network_config, device=cfg["device"])
+                cfg["network"] = {k: v for k, v in source.network_config.to_dict().items() if k != "periodic"}
+            self.agent.net.load_state_dict(source.net.state_dict())
+            self.agent.card["init_from"] = {"path": cfg["init_from"], "problem": source.card.get("problem"),
+                                            "episodes": source.card.get("episodes")}
+            self.eps_schedule = cfg["fine_tune_epsilon"]
+        self.optimizer = torch.optim.Adam(self.agent.net.parameters(), lr=learn_cfg["lr"],
+                                          weight_decay=learn_cfg["weight_decay"])
+        self.replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
+        self.evaluator = EnergyEvaluator(problem, failure_dir=self.run_dir / "failures")
+        self.scale = RewardScale(quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"],
+                                 resolution=learn_cfg["reward_resolution"])
+        self.executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
+        self.state = TrainState()
+        self.database = cfg["database"] or str(self.run_dir / "evaluations.db")
+
+    def seed_replay(self) -> None:
+        """A fresh run starts from the recipe's demonstrations (seed_from_db), if any."""
+        if self.cfg["seed_from_db"]:
+            demos = demonstrations_from_db(self.problem, self.cfg["seed_from_db"])
+            for ep in demos:
+                self.replay.add(ep)
+            self.scale.update([ep.energy for ep in demos])
+
+    def open_logs(self, resume: bool, progress: bool) -> None:
+        """TensorBoard (a resume purges the steps logged after its checkpoint), progress bar, schedules, clock."""
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.iterations if resume else None)
+        if not resume:
+            self.writer.add_text("hyperparameters", _hparam_table(self.cfg))
+            self.writer.add_text("problem", f"`{self.problem.name}`: {self.problem.description}")
+        self.pbar = _progress(self.cfg["episodes"], self.state.episodes, progress)
+        every = self.cfg["checkpoint_every"]
+        self.next_checkpoint = (self.state.episodes // every + 1) * every
+        self.next_images = self.state.episodes
+        self.ref = self.problem.reference_energy
+        self.on_grid_reference = self.ref is not None and not self.problem.reference.get("relaxed", False)
+        self.recent_energies: list[float] = []
+        self.t_start = time.perf_counter() - self.state.seconds
+
+    # ---- the loop --------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Iterate until the recipe's episodes are done or a callback stops the run; returns the summary."""
+        self.callbacks.on_training_start()
+        try:
+            while self.state.episodes < self.cfg["episodes"] and self.callbacks.on_iteration_start():
+                batch = self.rollout()
+                self.evaluate(batch)
+                self.record(batch)
+                losses, qs = self.learn(len(batch.builds))
+                self.log(batch, losses, qs)
+                keep_going = self.callbacks.on_iteration_end()
+                self.checkpoint_if_due(stopping=not keep_going and self.callbacks.checkpoint_on_stop)
+                if not keep_going:
+                    break
+        finally:
+            self.close()
+        return self.summarise()
+
+    def rollout(self) -> Batch:
+        """n_builders builds in lockstep: one batched forward pass per step, ε-greedy over legal actions."""
+        self._t_iteration = time.perf_counter()
+        s = self.state
+        epsilon = epsilon_at(self.eps_schedule, s.episodes)
+        temperature = epsilon_at(self.cfg["temperature"], s.episodes)
+        n = min(self.cfg["n_builders"], self.cfg["episodes"] - s.episodes)
+        f0 = self.agent.forward_seconds
+        with self._timed("rollout"):
+            builds = self.agent.rollout(self.problem, n, epsilon, self.rng, temperature)
+        s.timing["rollout_forward"] += self.agent.forward_seconds - f0
+        self.callbacks.on_rollout_end(builds)
+        return Batch(builds, epsilon, temperature)
+
+    def evaluate(self, batch: Batch) -> None:
+        """The finished structures to the calculator (through the executor; cache hits are answered here)."""
+        with self._timed("calculator"):
+            builds = batch.builds
+            batch.keys = [build.canonical_key() for build in builds]
+            finished = [i for i, build in enumerate(builds) if build.done]
+            atoms = [builds[i].atoms() for i in finished]
+            evaluations = self.executor.evaluate_many(self.evaluator, atoms, [batch.keys[i] for i in finished])
+            batch.evaluations = dict(zip(finished, evaluations, strict=True))
+            self.callbacks.on_evaluated([builds[i] for i in finished], atoms, evaluations)
+
+    def record(self, batch: Batch) -> None:
+        """Every build into the replay buffer and the counters, each new best into the history and best.extxyz,
+        the new energies into the reward scale, the evaluated structures into the database."""
+        with self._timed("calculator"):
+            s, evaluations = self.state, batch.evaluations
+            evaluated = []
+            spent = self.evaluator.n_calls - sum(ev.n_calls for ev in evaluations.values())  # before this batch
+            for builder, build in enumerate(batch.builds):
+                episode = s.episodes
+                if build.done:
+                    ev = evaluations[builder]
+                    spent += ev.n_calls  # evaluations up to and including this build, as it happened
+                    energy = ev.energy if ev.ok else float("nan")
+                    if ev.atoms is not None and not ev.cached:
+                        ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
+                                              "seconds": ev.seconds, "n_calls": ev.n_calls})
+                        evaluated.append(ev.atoms)
+                else:
+                    energy = float("nan")
+                    s.dead_ends += 1
+                self.replay.add(Episode(list(build.actions), energy, batch.keys[builder], episode))
+                s.episodes += 1
+                if math.isfinite(energy):
+                    self._record_energy(energy, list(build.actions), spent)
+            self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
+            if evaluated and self.cfg["record_evaluations"]:
+                append_db(self.database, evaluated, run=self.run_dir.name)
+
+    def _record_energy(self, energy: float, actions: list[int], spent: int) -> None:
+        s = self.state
+        self.recent_energies.append(energy)
+        self.writer.add_scalar("charts/episode_energy", energy, s.episodes)
+        if energy < s.best_energy - 1e-9:
+            s.best_energy = energy
+            s.best_actions = actions
+            s.history.append({"episode": s.episodes, "evaluations": spent, "energy": energy, "actions": list(actions),
+                              "seconds": time.perf_counter() - self.t_start})
+            _write_best(self.run_dir, self.problem, self.replay)
+        if self.on_grid_reference and s.found_reference_at is None and energy <= self.ref + REFERENCE_TOLERANCE:
+            s.found_reference_at = {"episode": s.episodes, "evaluations": spent}
+
+    def learn(self, n: int) -> tuple[list[float], list[float]]:
+        """After the warm-up, grad_steps_per_episode gradient steps per new episode (fractional rates carry over);
+        returns the losses and mean Q-values of the steps."""
+        learn_cfg, s = self.cfg["learning"], self.state
+        losses, qs = [], []
+        with self._timed("learn"):
+            if s.episodes >= learn_cfg["warmup_episodes"]:
+                s.grad_credit += learn_cfg["grad_steps_per_episode"] * n
+                n_steps = int(s.grad_credit + 1e-9)
+                s.grad_credit -= n_steps
+                for _ in range(n_steps):
+                    loss, qmean = _learn_step(self.agent, self.optimizer, self.problem, self.replay, self.scale,
+                                              self.rng, learn_cfg, self.cfg["augment"])
+                    losses.append(loss)
+                    qs.append(qmean)
+        return losses, qs
+
+    def log(self, batch: Batch, losses: list[float], qs: list[float]) -> None:
+        """TensorBoard scalars (charts/..., losses/...), images every log_images_every episodes, progress bar."""
+        s, writer = self.state, self.writer
+        n = len(batch.builds)
+        with self._timed("logging"):
+            s.iterations += 1
+            dt = time.perf_counter() - self._t_iteration
+            step = s.episodes
+            writer.add_scalar("charts/epsilon", batch.epsilon, step)
+            if batch.temperature > 0:
+                writer.add_scalar("charts/temperature", batch.temperature, step)
+            writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
+            writer.add_scalar("charts/energy_evaluations", self.evaluator.n_calls, step)
+            if math.isfinite(s.best_energy):
+                writer.add_scalar("charts/best_energy", s.best_energy, step)
+                if self.ref is not None:
+                    writer.add_scalar("charts/best_energy_relative", s.best_energy - self.ref, step)
+            writer.add_scalar("charts/dead_ends", s.dead_ends, step)
+            writer.add_scalar("charts/failed_evaluations", len(self.evaluator.failures), step)
+            if losses:
+                writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
+                writer.add_scalar("losses/q_mean", float(np.mean(qs)), step)
+            if step >= self.next_images:
+                self.next_images = step + self.cfg["log_images_every"]
+                self.log_images(step)
+                self.recent_energies = []
+            self.pbar.update(n)
+            self.pbar.set_postfix(best=f"{s.best_energy:.3f}", eps=f"{batch.epsilon:.2f}",
+                                  evals=self.evaluator.n_calls)
+        s.seconds = time.perf_counter() - self.t_start
+
+    def log_images(self, step: int) -> None:
+        """The best structure, the energies since the last images, and the first build step's Q-value maps."""
+        _log_images(self.writer, self.agent, self.problem, self.state, self.recent_energies, step)
+
+    def checkpoint_if_due(self, stopping: bool = False) -> None:
+        """Every checkpoint_every episodes, after the last episode, and when a callback stops the run (`stopping`)."""
+        s = self.state
+        if s.episodes >= self.next_checkpoint or s.episodes >= self.cfg["episodes"] or stopping:
+            with self._timed("checkpoint"):
+                self.next_checkpoint += self.cfg["checkpoint_every"]
+                self.save_checkpoint()
+                self.writer.flush()
+
+    def close(self) -> None:
+        self.pbar.close()
+        self.writer.close()
+        self.executor.close()
+
+    def summarise(self) -> dict:
+        """run_dir/summary.json, returned; then the callbacks' on_training_end."""
+        summary = _summary(self.cfg, self.problem, self.state, self.evaluator)
+        write_json(self.run_dir / "summary.json", summary)
+        self.callbacks.on_training_end()
+        return summary
+
+    @contextlib.contextmanager
+    def _timed(self, bucket: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.state.timing[bucket] += time.perf_counter() - t0
+
+    # ---- state and checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs besides the agent's weights, as (tensors, JSON) for one safetensors + JSON
+        pair: the optimizer, the random generators, and each part's own state_dict."""
+        opt_tensors, opt_meta = optimizer_state_dict(self.optimizer)
+        rng_tensors, rng_meta = rng_state_dict(self.rng)
+        meta = {"format": TRAINER_FORMAT, "optimizer": opt_meta, "replay": self.replay.state_dict(),
+                "evaluator": self.evaluator.state_dict(), "scale": self.scale.state_dict(),
+                "state": self.state.state_dict(), "rng": rng_meta}
+        return {**rng_tensors, **opt_tensors}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        load_optimizer_state_dict(self.optimizer, tensors, meta["optimizer"])
+        self.replay.load_state_dict(meta["replay"])
+        self.evaluator.load_state_dict(meta["evaluator"])
+        self.scale.load_state_dict(meta["scale"])
+        self.state.load_state_dict(meta["state"])
+        load_rng_state_dict(self.rng, tensors, meta["rng"])
+
+    def save_checkpoint(self) -> None:
+        """Write everything into a fresh directory, let the callbacks add theirs, then move the 'latest' pointer
+        atomically; the agent is copied to the run directory, the newest two checkpoints are kept."""
+        cfg, s = self.cfg, self.state
+        ckdir = self.run_dir / "checkpoints"
+        name = f"ckpt-{s.episodes:08d}"
+        target = ckdir / name
+        if target.exists():
+            shutil.rmtree(target)
+        card = {"problem": cfg["problem"] if isinstance(cfg["problem"], str) else cfg["name"],
+                "episodes": s.episodes, "best_energy": s.best_energy if math.isfinite(s.best_energy) else None,
+                "evaluations": self.evaluator.n_calls, "trained_with": cfg.get("command")}
+        self.agent.save(target / "agent", **card)
+        save_tensors(target / "trainer", *self.state_dict())
+        self.callbacks.on_checkpoint(target)
+        atomic_write_text(ckdir / "latest", name + "\n")
+        for f in ("agent.safetensors", "agent.json"):
+            shutil.copyfile(target / f, self.run_dir / f".{f}.tmp")
+            (self.run_dir / f".{f}.tmp").replace(self.run_dir / f)
+        for old in sorted(ckdir.glob("ckpt-*"))[:-2]:  # keep the newest two
+            shutil.rmtree(old, ignore_errors=True)
+        write_json(self.run_dir / "summary.json", _summary(cfg, self.problem, s, self.evaluator))
+
+    def load_checkpoint(self) -> None:
+        """The last published checkpoint; database rows written after it are dropped (they will be made again)."""
+        target = latest_checkpoint(self.run_dir)
+        if target is None:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint yet (checkpoints/latest missing); start it afresh")
+        saved = Agent.load(target / "agent")
+        self.agent.net.load_state_dict(saved.net.state_dict())
+        self.agent.card.update(saved.card)
+        self.load_state_dict(*load_tensors(target / "trainer", expect_format=TRAINER_FORMAT))
+        _drop_db_rows_after(self.database, self.state.episodes, self.run_dir.name)
+
+
+def prepare_run(config: dict | str | None, run_dir: str | Path | None, resume: bool, init_from: str | Path | None,
+                overrides: list[str] | None) -> tuple[dict, Path]:
+    """The recipe (run_dir/config.yaml on a resume) and the run directory, created; a finished or running run is
+    never overwritten."""
     if resume:
         if run_dir is None:
             raise ConfigError("--resume", "needs the run directory")
@@ -90,181 +446,25 @@ def train(config: dict | str, run_dir: str | Path | None = None, resume: bool = 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg["run_dir"] = str(run_dir)
     if not cfg.get("command"):
-        import sys
         cfg["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if init_from is not None:
         cfg["init_from"] = str(init_from)
-    problem = load_problem(cfg["problem"], **cfg["problem_overrides"])
-    if not resume:
-        public = {k: v for k, v in cfg.items() if not k.startswith("_")}  # private test hooks stay out
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(public), sort_keys=False))
-        atomic_write_text(run_dir / "problem.yaml", yaml.safe_dump(_plain(problem.to_dict()), sort_keys=False))
+    return cfg, run_dir
 
+
+def write_run_files(run_dir: Path, cfg: dict, problem: Problem) -> None:
+    """config.yaml (what --resume reads) and problem.yaml (the problem as it was set up)."""
+    public = {k: v for k, v in cfg.items() if not k.startswith("_")}  # private keys of a caller stay out
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_plain(public), sort_keys=False))
+    atomic_write_text(run_dir / "problem.yaml", yaml.safe_dump(_plain(problem.to_dict()), sort_keys=False))
+
+
+def seed_everything(cfg: dict) -> np.random.Generator:
+    """Torch's threads and global seed; the NumPy generator that drives builds, sampling and augmentation."""
     torch.set_num_threads(int(cfg["torch_threads"]))
     rng = np.random.default_rng(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    learn_cfg, aug_cfg = cfg["learning"], cfg["augment"]
-
-    # ---- agent, optimiser, replay, evaluator ---------------------------------------------
-    agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
-                              device=cfg["device"])
-    eps_schedule = cfg["epsilon"]
-    if cfg.get("init_from"):
-        source = Agent.load(cfg["init_from"])
-        source.check_compatible(problem)
-        if source.network_config.to_dict() != agent.network_config.to_dict():
-            agent = Agent.for_problem(problem, source.network_config, device=cfg["device"])
-            cfg["network"] = {k: v for k, v in source.network_config.to_dict().items() if k != "periodic"}
-        agent.net.load_state_dict(source.net.state_dict())
-        agent.card["init_from"] = {"path": cfg["init_from"], "problem": source.card.get("problem"),
-                                   "episodes": source.card.get("episodes")}
-        eps_schedule = cfg["fine_tune_epsilon"]
-    optimizer = torch.optim.Adam(agent.net.parameters(), lr=learn_cfg["lr"], weight_decay=learn_cfg["weight_decay"])
-    replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
-    evaluator = EnergyEvaluator(problem, failure_dir=run_dir / "failures")
-    scale = RewardScale(quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"],
-                        resolution=learn_cfg["reward_resolution"])
-    executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
-    state = TrainState()
-    database = cfg["database"] or str(run_dir / "evaluations.db")
-    if resume:
-        _load_checkpoint(run_dir, agent, optimizer, replay, evaluator, scale, state, rng)
-        _drop_db_rows_after(database, state.episodes, run_dir.name)
-    elif cfg["seed_from_db"]:
-        demos = demonstrations_from_db(problem, cfg["seed_from_db"])
-        for ep in demos:
-            replay.add(ep)
-        scale.update([ep.energy for ep in demos])
-
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(run_dir), purge_step=state.iterations if resume else None)
-    if not resume:
-        writer.add_text("hyperparameters", _hparam_table(cfg))
-        writer.add_text("problem", f"`{problem.name}`: {problem.description}")
-
-    pbar = _progress(cfg["episodes"], state.episodes, progress)
-    next_checkpoint = (state.episodes // cfg["checkpoint_every"] + 1) * cfg["checkpoint_every"]
-    next_images = state.episodes
-    ref, ref_tol = problem.reference_energy, 1e-6
-    on_grid_reference = ref is not None and not problem.reference.get("relaxed", False)
-    recent_energies: list[float] = []
-    t_start = time.perf_counter() - state.seconds
-
-    # ---- main loop -------------------------------------------------------------------------
-    try:
-        budget = cfg["max_evaluations"]
-        while state.episodes < cfg["episodes"] and (budget is None or evaluator.n_calls < budget):
-            t_iter = time.perf_counter()
-            epsilon = epsilon_at(eps_schedule, state.episodes)
-            temperature = epsilon_at(cfg["temperature"], state.episodes)
-            n = min(cfg["n_builders"], cfg["episodes"] - state.episodes)
-
-            t0, f0 = time.perf_counter(), agent.forward_seconds
-            builds = agent.rollout(problem, n, epsilon, rng, temperature)
-            state.timing["rollout"] += time.perf_counter() - t0
-            state.timing["rollout_forward"] = state.timing.get("rollout_forward", 0.0) + agent.forward_seconds - f0
-
-            t0 = time.perf_counter()
-            evaluated = []
-            keys = [build.canonical_key() for build in builds]
-            finished = [i for i, build in enumerate(builds) if build.done]
-            evals = dict(zip(finished, executor.evaluate_many(evaluator, [builds[i].atoms() for i in finished],
-                                                              [keys[i] for i in finished])))
-            spent = evaluator.n_calls - sum(ev.n_calls for ev in evals.values())  # before this batch
-            for builder, build in enumerate(builds):
-                episode = state.episodes
-                key = keys[builder]
-                if build.done:
-                    ev = evals[builder]
-                    spent += ev.n_calls  # evaluations up to and including this build, as it happened
-                    energy = ev.energy if ev.ok else float("nan")
-                    if ev.atoms is not None and not ev.cached:
-                        ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
-                                              "seconds": ev.seconds, "n_calls": ev.n_calls})
-                        evaluated.append(ev.atoms)
-                else:
-                    energy = float("nan")
-                    state.dead_ends += 1
-                replay.add(Episode(list(build.actions), energy, key, episode))
-                state.episodes += 1
-                if math.isfinite(energy):
-                    recent_energies.append(energy)
-                    writer.add_scalar("charts/episode_energy", energy, state.episodes)
-                    if energy < state.best_energy - 1e-9:
-                        state.best_energy = energy
-                        state.best_actions = list(build.actions)
-                        state.history.append({"episode": state.episodes, "evaluations": spent,
-                                              "energy": energy, "actions": list(build.actions),
-                                              "seconds": time.perf_counter() - t_start})
-                        _write_best(run_dir, problem, replay)
-                    if on_grid_reference and state.found_reference_at is None and energy <= ref + ref_tol:
-                        state.found_reference_at = {"episode": state.episodes, "evaluations": spent}
-            scale.update([e.energy for e in replay.recent[-n:]])
-            if evaluated and cfg["record_evaluations"]:
-                append_db(database, evaluated, run=run_dir.name)
-            state.timing["calculator"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            losses, qs = [], []
-            if state.episodes >= learn_cfg["warmup_episodes"]:
-                state.grad_credit += learn_cfg["grad_steps_per_episode"] * n  # fractional rates carry over
-                n_steps = int(state.grad_credit + 1e-9)
-                state.grad_credit -= n_steps
-                for _ in range(n_steps):
-                    loss, qmean = _learn_step(agent, optimizer, problem, replay, scale, rng, learn_cfg, aug_cfg)
-                    losses.append(loss)
-                    qs.append(qmean)
-            state.timing["learn"] += time.perf_counter() - t0
-
-            # ---- logging ------------------------------------------------------------------------
-            t0 = time.perf_counter()
-            state.iterations += 1
-            dt = time.perf_counter() - t_iter
-            step = state.episodes
-            writer.add_scalar("charts/epsilon", epsilon, step)
-            if temperature > 0:
-                writer.add_scalar("charts/temperature", temperature, step)
-            writer.add_scalar("charts/episodes_per_second", n / max(dt, 1e-9), step)
-            writer.add_scalar("charts/energy_evaluations", evaluator.n_calls, step)
-            if math.isfinite(state.best_energy):
-                writer.add_scalar("charts/best_energy", state.best_energy, step)
-                if ref is not None:
-                    writer.add_scalar("charts/best_energy_relative", state.best_energy - ref, step)
-            writer.add_scalar("charts/dead_ends", state.dead_ends, step)
-            writer.add_scalar("charts/failed_evaluations", len(evaluator.failures), step)
-            if losses:
-                writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
-                writer.add_scalar("losses/q_mean", float(np.mean(qs)), step)
-            if step >= next_images:
-                next_images = step + cfg["log_images_every"]
-                _log_images(writer, agent, problem, state, recent_energies, step)
-                recent_energies = []
-            pbar.update(n)
-            pbar.set_postfix(best=f"{state.best_energy:.3f}", eps=f"{epsilon:.2f}", evals=evaluator.n_calls)
-            state.timing["logging"] += time.perf_counter() - t0
-
-            state.seconds = time.perf_counter() - t_start
-            out_of_budget = budget is not None and evaluator.n_calls >= budget
-            if state.episodes >= next_checkpoint or state.episodes >= cfg["episodes"] or out_of_budget:
-                t0 = time.perf_counter()
-                next_checkpoint += cfg["checkpoint_every"]
-                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng,
-                                 on_checkpoint)
-                writer.flush()
-                state.timing["checkpoint"] += time.perf_counter() - t0
-            if cfg["stop_at_reference"] and state.found_reference_at is not None:
-                _save_checkpoint(run_dir, cfg, problem, agent, optimizer, replay, evaluator, scale, state, rng,
-                                 on_checkpoint)
-                break
-            if cfg.get("_stop_after_episodes") and state.episodes >= cfg["_stop_after_episodes"]:
-                break  # for tests of kill-and-resume
-    finally:
-        pbar.close()
-        writer.close()
-        executor.close()
-    summary = _summary(cfg, problem, state, evaluator)
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    return rng
 
 
 # ---- learning ---------------------------------------------------------------------------------
@@ -301,7 +501,8 @@ def _learn_step(agent: Agent, optimizer: torch.optim.Optimizer, problem, replay:
         points, a_points = augmentation.arbitrary_rotation(problem.symmetry, rng, points, a_points, owner)
     elif aug_cfg["exact"]:
         points, a_points = augmentation.exact(problem.symmetry, rng, points, a_points, owner)
-    obs = np.stack([encode_observation(problem, a // (L * N), (a // N) % L, p) for a, p in zip(states, points)])
+    obs = np.stack([encode_observation(problem, a // (L * N), (a // N) % L, p)
+                    for a, p in zip(states, points, strict=True)])
     flat_remaining = np.concatenate(remaining)
     actions = (flat_remaining // N) * N + a_points  # species and layer unchanged, point transformed
     weights = np.repeat([1.0 / len(r) for r in remaining], [len(r) for r in remaining])
@@ -352,77 +553,12 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
 
 
-def _save_checkpoint(run_dir: Path, cfg: dict, problem, agent: Agent, optimizer, replay: ReplayBuffer,
-                     evaluator: EnergyEvaluator, scale: RewardScale, state: TrainState, rng: np.random.Generator,
-                     on_checkpoint: Callable[[Path], None] | None = None) -> None:
-    """Write everything into a fresh directory, then move the 'latest' pointer atomically."""
-    ckdir = run_dir / "checkpoints"
-    name = f"ckpt-{state.episodes:08d}"
-    target = ckdir / name
-    if target.exists():
-        shutil.rmtree(target)
-    card = {"problem": cfg["problem"] if isinstance(cfg["problem"], str) else cfg["name"],
-            "episodes": state.episodes, "best_energy": state.best_energy if math.isfinite(state.best_energy) else None,
-            "evaluations": evaluator.n_calls, "trained_with": cfg.get("command")}
-    agent.save(target / "agent", **card)
-    opt = optimizer.state_dict()
-    tensors = {"torch_rng": torch.get_rng_state()}
-    opt_state = {}
-    for idx, st in opt["state"].items():
-        opt_state[str(idx)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{k}"] = v
-            else:
-                opt_state[str(idx)][k] = v
-    meta = {"format": "asla-trainer", "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_state},
-            "replay": replay.state_dict(), "evaluator": evaluator.state_dict(),
-            "scale": {"energies": scale.energies, "low": scale.low if math.isfinite(scale.low) else None},
-            "state": state.to_dict(), "rng": rng.bit_generator.state}
-    save_tensors(target / "trainer", tensors, meta)
-    if on_checkpoint is not None:
-        on_checkpoint(target)
-    atomic_write_text(ckdir / "latest", name + "\n")
-    for f in ("agent.safetensors", "agent.json"):
-        shutil.copyfile(target / f, run_dir / f".{f}.tmp")
-        (run_dir / f".{f}.tmp").replace(run_dir / f)
-    for old in sorted(ckdir.glob("ckpt-*"))[:-2]:  # keep the newest two
-        shutil.rmtree(old, ignore_errors=True)
-    write_json(run_dir / "summary.json", _summary(cfg, problem, state, evaluator))
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The directory the 'latest' pointer publishes (None before the first checkpoint)."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
     return pointer.parent / pointer.read_text().strip()
-
-
-def _load_checkpoint(run_dir: Path, agent: Agent, optimizer, replay: ReplayBuffer, evaluator: EnergyEvaluator,
-                     scale: RewardScale, state: TrainState, rng: np.random.Generator) -> None:
-    target = latest_checkpoint(run_dir)
-    if target is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet (checkpoints/latest missing); start it afresh")
-    saved = Agent.load(target / "agent")
-    agent.net.load_state_dict(saved.net.state_dict())
-    agent.card.update(saved.card)
-    tensors, meta = load_tensors(target / "trainer", expect_format="asla-trainer")
-    opt_state: dict[int, dict[str, Any]] = {}
-    for idx, scalars in meta["optimizer"]["scalars"].items():
-        opt_state[int(idx)] = dict(scalars)
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
-    torch.set_rng_state(tensors["torch_rng"])
-    replay.load_state_dict(meta["replay"])
-    evaluator.load_state_dict(meta["evaluator"])
-    scale.energies = list(meta["scale"]["energies"])
-    scale.low = math.inf if meta["scale"]["low"] is None else float(meta["scale"]["low"])
-    state.load(meta["state"])
-    rng.bit_generator.state = meta["rng"]
 
 
 def _drop_db_rows_after(database: str, episodes: int, run: str) -> None:

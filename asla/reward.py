@@ -253,6 +253,15 @@ class RewardScale:
             high = low + 1.0
         return low, high
 
+    def state_dict(self) -> dict:
+        """What moves as the search goes on (JSON): the energies in the window and the lowest ever (None before
+        the first). The quantile, window, kind and resolution come from the recipe and are not part of it."""
+        return {"energies": list(self.energies), "low": self.low if math.isfinite(self.low) else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.energies = [float(e) for e in state["energies"]]
+        self.low = math.inf if state["low"] is None else float(state["low"])
+
     def __call__(self, energies) -> np.ndarray:  # noqa: ANN001
         return rewards(np.asarray(energies, dtype=float), *self.bounds(), kind=self.kind, resolution=self.resolution)
 

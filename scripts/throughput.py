@@ -12,7 +12,7 @@ points. Each configuration runs in its own process (so its peak RSS is its own) 
   is the least any method that scores every build must pay), and the ratio of each rate to it;
 - peak RSS.
 
-A separate process times the learner's gradient step (agents/train.py ``_learn_step``) and the acting
+A separate process times the learner's gradient step (asla.agents.training ``_learn_step``) and the acting
 forward pass side by side under torch threads 1 vs 2, inference_mode vs no_grad, channels_last vs
 contiguous, batch 8 vs 1 and torch.compile, all float32, in interleaved rounds (the machine is shared).
 
@@ -35,14 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the recipe and git's description of the code; asla itself is installed
 RECIPE = ROOT / "configs" / "pd100-oxide-3x3.yaml"
 BASE_PROBLEM = "pd100-oxide-3x3"
 SHIPPED_SPACING = 0.457  # the shipped Pd problems' grid (6 pixels per surface repeat)
@@ -58,19 +56,6 @@ def family_overrides(cell: int, spacing: float, relax_steps: int) -> dict[str, A
             "grid.spacing": spacing, "grid.divisions": [cell, cell],
             "bag": {"Pd": cell * cell, "O": (2 * cell * cell) // 3}, "relax": {"steps": relax_steps},
             "reference": {}}  # the 3x3 reference means nothing on other cells
-
-
-@contextlib.contextmanager
-def swapped(module: Any, **names: Any) -> Iterator[None]:
-    """Temporarily replace module-level names (used on agents.train, which stays unchanged on disk)."""
-    old = {k: getattr(module, k) for k in names}
-    for k, v in names.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
 
 
 def peak_rss_mb() -> float:
@@ -113,45 +98,36 @@ def run_config(spec: dict) -> list[dict]:
 
 
 def run_one(problem: Any, spec: dict) -> dict:
-    import importlib
-
     from asla.agents.agent import Agent
+    from asla.agents.callbacks import ThroughputProbe
     from asla.agents.config import load_config
+    from asla.agents.training import Trainer
 
-    from asla.reward import EnergyEvaluator
+    class QuickTrainer(Trainer):
+        def log_images(self, step: int) -> None:
+            """--quick: no TensorBoard images (one-off, but seconds on 8x8)."""
 
-    train_mod = importlib.import_module("asla.agents.training")  # the module (agents exports a function of that name)
     load0 = os.getloadavg()[0]
-    recorded: list[tuple[Any, float, int]] = []
-
-    class RecordingEvaluator(EnergyEvaluator):
-        """Keeps what training sends to the calculator: the built structure, seconds, calculator calls."""
-
-        def evaluate(self, atoms, key=None):  # noqa: ANN001, ANN201 - same signature as the parent
-            ev = super().evaluate(atoms, key)
-            if not ev.cached:
-                recorded.append((atoms.copy(), ev.seconds, ev.n_calls))
-            return ev
-
     cfg = load_config(str(RECIPE), [f"episodes={spec['episodes']}", f"torch_threads={spec['threads']}",
                                     "learning.warmup_episodes=0", f"seed={spec['seed']}"])
     cfg["problem"] = problem.to_dict()
     cfg["problem_overrides"] = {}
     cfg["command"] = "scripts/throughput.py"
+    # the probe keeps what training sends to the calculator (the built structure, seconds, calculator calls) for
+    # the floor below; the loop's own buckets are the trainer's timing (summary["timing_seconds"])
+    probe = ThroughputProbe(keep_structures=True)
     with tempfile.TemporaryDirectory(prefix="asla-throughput-") as tmp:
-        # train() unchanged; it gets the problem set up above (not a second validation: ~10 s on 8x8)
-        # and an evaluator that records the structures for the floor below
-        names: dict[str, Any] = {"load_problem": lambda *a, **k: problem, "EnergyEvaluator": RecordingEvaluator}
-        if spec.get("skip_images"):  # --quick: the one-off TensorBoard images are seconds on 8x8
-            names["_log_images"] = lambda *a, **k: None
-        with swapped(train_mod, **names):
-            summary = train_mod.train(cfg, run_dir=Path(tmp) / "run", progress=False)
+        # the problem set up above goes in as it is (not a second validation: ~10 s on 8x8)
+        trainer = (QuickTrainer if spec.get("skip_images") else Trainer)(
+            cfg, run_dir=Path(tmp) / "run", progress=False, callbacks=[probe], problem=problem)
+        summary = trainer.run()
         agent = Agent.load(Path(tmp) / "run")
+    recorded = probe.evaluated
     timing = summary["timing_seconds"]
     episodes = int(summary["episodes"])
     rollout, forward = float(timing["rollout"]), float(timing.get("rollout_forward", 0.0))
     calc_bucket, learn = float(timing["calculator"]), float(timing["learn"])
-    calc_pure = float(sum(s for _, s, _ in recorded))
+    calc_pure = probe.calculator_seconds
     loop = rollout + calc_bucket + learn
     rss_train = peak_rss_mb()
 
@@ -372,7 +348,7 @@ def in_subprocess(kind: str, spec: dict, timeout: float) -> Any:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec),
                "--result", str(result)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
@@ -419,7 +395,8 @@ def parse_episodes(items: list[str]) -> dict[int, int]:
         try:
             out[int(cell)] = int(n)
         except ValueError:
-            raise SystemExit(f"throughput.py: error: --episodes: expected CELL=EPISODES such as 8=2, got {item!r}")
+            raise SystemExit(f"throughput.py: error: --episodes: expected CELL=EPISODES such as 8=2, got {item!r}") \
+                from None
         if out[int(cell)] < 1:
             raise SystemExit(f"throughput.py: error: --episodes: episodes must be >= 1, got {item!r}")
     return out
@@ -428,7 +405,8 @@ def parse_episodes(items: list[str]) -> dict[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help=f"a coarse {QUICK_SPACING} A grid only, 2 episodes per configuration, one round, 1 thread, no compile "
+                    help=f"a coarse {QUICK_SPACING} A grid only, 2 episodes per configuration, one round, 1 thread, "
+                         "no compile "
                          "(checks the script end to end in about a minute; the numbers mean little)")
     ap.add_argument("--cells", type=int, nargs="+", default=[3, 5, 8])
     ap.add_argument("--spacings", type=float, nargs="+", default=None, help="A; default 0.25 0.2 0.15")
@@ -578,7 +556,8 @@ def scaling_fits(rows: list[dict]) -> dict:
     parts["greedy build"] = [r["greedy"]["build_seconds"] / r["greedy"]["episodes"] for r in rows]
     parts["calculator floor"] = [r["floor"]["seconds_per_structure"] for r in rows]
     # atoms and pixels can be told apart only if some cell appears at more than one spacing
-    two = len(rows) >= 3 and any(len({r["spacing"] for r in rows if r["cell"] == c}) > 1 for c in {r["cell"] for r in rows})
+    two = len(rows) >= 3 and any(len({r["spacing"] for r in rows if r["cell"] == c}) > 1
+                                 for c in {r["cell"] for r in rows})
     out = {"rows_used": len(rows), "relax_steps": rows[0]["relax_steps"],
            "model": "log(seconds per episode) = a*log(pixels) + b*log(atoms placed) + c" if two
            else "log(seconds per episode) = a*log(pixels) + c (pixels and atoms grow together here)"}
@@ -596,7 +575,8 @@ def setting_effects(micro: dict) -> list[dict]:
     for g in micro.get("grids", []):
         L, F = g["learn"], g["forward"]
 
-        def add(part: str, change: str, threads: Any, old: str, new: str) -> None:
+        def add(part: str, change: str, threads: Any, old: str, new: str, L: dict = L, F: dict = F,
+                g: dict = g) -> None:  # this grid's tables, bound now
             table, key = (L, "median_seconds") if part == "gradient step" else (F, "median_ms_per_sample")
             if old in table and new in table:
                 out.append({"grid": g["grid"], "part": part, "change": change, "threads": threads,
@@ -605,14 +585,16 @@ def setting_effects(micro: dict) -> list[dict]:
         add("acting forward", "2 threads -> 1", "-", "threads=2 inference_mode contiguous batch=8",
             "threads=1 inference_mode contiguous batch=8")
         for t in (1, 2):
-            add("gradient step", "contiguous -> channels_last", t, f"threads={t} contiguous", f"threads={t} channels_last")
+            add("gradient step", "contiguous -> channels_last", t, f"threads={t} contiguous",
+                f"threads={t} channels_last")
             add("acting forward", "contiguous -> channels_last", t, f"threads={t} inference_mode contiguous batch=8",
                 f"threads={t} inference_mode channels_last batch=8")
             add("acting forward", "no_grad -> inference_mode", t, f"threads={t} no_grad contiguous batch=8",
                 f"threads={t} inference_mode contiguous batch=8")
             add("acting forward", "1 build per pass -> 8 (per sample)", t,
                 f"threads={t} inference_mode contiguous batch=1", f"threads={t} inference_mode contiguous batch=8")
-            add("gradient step", "eager -> torch.compile", t, f"threads={t} contiguous", f"threads={t} contiguous compiled")
+            add("gradient step", "eager -> torch.compile", t, f"threads={t} contiguous",
+                f"threads={t} contiguous compiled")
             add("acting forward", "eager -> torch.compile", t, f"threads={t} inference_mode contiguous batch=8",
                 f"threads={t} inference_mode contiguous batch=8 compiled")
     return out
@@ -705,8 +687,9 @@ def report(res: dict) -> str:
          f"Command: `{meta['command']}` ({meta['seconds'] / 60:.1f} min, started {meta['started']})  ",
          f"Machine: {m['cpu']}, {m['vcpus']} vCPUs, {m['memory']}; Python {m['python']}, torch {m['torch']}, "
          f"numpy {m['numpy']}, ase {m['ase']}, asla {m['asla']}; float32 throughout.  ",
-         (f"Code: commit {meta['git']['commit']}" + (f" with uncommitted changes to {', '.join(meta['git']['modified'])}"
-                                                      if meta["git"]["modified"] else "") + ".  " if meta.get("git") else ""),
+         (f"Code: commit {meta['git']['commit']}"
+          + (f" with uncommitted changes to {', '.join(meta['git']['modified'])}" if meta["git"]["modified"] else "")
+          + ".  " if meta.get("git") else ""),
          f"Load average (1 min) {meta['loadavg_start'][0]:.2f} at the start, {meta['loadavg_end'][0]:.2f} at the "
          "end (per configuration in the JSON); the machine is shared, so compare ratios measured in this run "
          "rather than absolute rates across runs.  ",
@@ -728,7 +711,8 @@ def report(res: dict) -> str:
          "**fwd** acting forward passes, **env** the environment (masks, observations, placing), **learn** "
          "gradient steps (sampling, encoding, forward + backward + Adam), **calc** the calculator itself, "
          "**book** symmetry keys, cache, database and replay. **Greedy**: the trained agent builds "
-         "min(8, episodes) structures with epsilon 0 (builds only; +energy: plus the floor per structure, since greedy builds of one agent coincide and evaluating copies would only measure caches). "
+         "min(8, episodes) structures with epsilon 0 (builds only; +energy: plus the floor per structure, since "
+         "greedy builds of one agent coincide and evaluating copies would only measure caches). "
          "**Floor**: the calculator alone (warm, no cache) on the structures training evaluated, seconds per "
          "structure; **x floor** = training seconds per episode / floor. Peak RSS of the configuration's "
          "process (problem, training, greedy, floor).", "",
@@ -762,7 +746,7 @@ def report(res: dict) -> str:
                 L.append(f"| {name} | {v['pixels_exponent']:.2f} | {b} |")
     if "error" not in micro:
         L += ["", "## Torch settings side by side", "",
-              "The gradient step is `agents.train._learn_step` itself (batch 64, the recipe's network and "
+              "The gradient step is `asla.agents.training._learn_step` itself (batch 64, the recipe's network and "
               "augmentation, a replay of random builds); the forward pass is the network on 8 observations "
               "halfway through builds (the acting batch) or on 1. Variants are applied from outside (the model "
               "converted with `.to(memory_format=torch.channels_last)`, `torch.compile(net)`), interleaved round "
@@ -785,7 +769,8 @@ def report(res: dict) -> str:
                 L.append("")
                 L.append(f"torch.compile on {g['grid'][0]}x{g['grid'][1]} ("
                          + ("empty inductor cache" if meta.get("compile_cache") == "empty" else
-                            "warm on-disk inductor cache from earlier runs; a cold compile is slower") + "): compiling took "
+                            "warm on-disk inductor cache from earlier runs; a cold compile is slower")
+                         + "): compiling took "
                          f"{c.get('forward_compile_seconds', float('nan')):.0f} s (forward, inference) and "
                          f"{c.get('learn_compile_seconds', float('nan')):.0f} s (training step); compiled and eager "
                          f"forward passes differ by at most {c.get('forward_max_abs_diff', float('nan')):.1e}.")
@@ -831,7 +816,8 @@ def conclusions(res: dict) -> list[str]:
         out.append(f"- **Training, {relax} relaxation steps**: the largest part is {dom} of "
                    f"{sum(s['dominant'].values())} configurations. Agent (acting forward + gradient steps) "
                    f"{_pct(s['agent_share_range'])} of the loop: gradient steps {_pct(sr['learn'])}, acting forward "
-                   f"{_pct(sr['forward'])}; environment {_pct(sr['environment'])}, calculator {_pct(sr['calculator'])}, "
+                   f"{_pct(sr['forward'])}; environment {_pct(sr['environment'])}, "
+                   f"calculator {_pct(sr['calculator'])}, "
                    f"bookkeeping {_pct(sr['bookkeeping'])}. A training episode costs "
                    f"{s['train_ratio_to_floor'][0]:.0f}-{s['train_ratio_to_floor'][1]:.0f}x the calculator floor, a "
                    f"greedy build with its energy {s['greedy_ratio_to_floor'][0]:.0f}-"
@@ -889,7 +875,8 @@ def conclusions(res: dict) -> list[str]:
         c = grids[0]["compile"]
         learn = grids[0]["learn"]
         t = comp[0]["threads"]
-        saved = learn[f"threads={t} contiguous"]["median_seconds"] - learn[f"threads={t} contiguous compiled"]["median_seconds"]
+        saved = (learn[f"threads={t} contiguous"]["median_seconds"]
+                 - learn[f"threads={t} contiguous compiled"]["median_seconds"])
         cold = res["meta"].get("compile_cache") == "empty"
         pays = (f"pays for its {c['learn_compile_seconds']:.0f} s of compiling after about "
                 f"{c['learn_compile_seconds'] / saved:.0f} gradient steps (once per process and grid size"
@@ -916,7 +903,8 @@ def conclusions(res: dict) -> list[str]:
     relax = summ.get("relaxation", [])
     if relax:
         worst = max(relax, key=lambda r: r["relax_seconds"])
-        line = (f"- **Relaxation**: the optimizer's own work is {_pct([min(r['optimizer_share'] for r in relax), max(r['optimizer_share'] for r in relax)])} "
+        shares = [r["optimizer_share"] for r in relax]
+        line = (f"- **Relaxation**: the optimizer's own work is {_pct([min(shares), max(shares)])} "
                 f"of a relaxation's time (largest cell: {worst['relax_seconds']:.2f} s per structure against "
                 f"{worst['calls_as_single_points_seconds']:.3f} s for its calculator calls).")
         if all(k in worst for k in ("BFGS_seconds", "LBFGS_seconds")):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from asla.agents import augmentation
 from asla.agents.agent import Agent
+from asla.agents.callbacks import StopAfterEpisodes
 from asla.agents.config import load_config
 from asla.agents.qnetwork import NetworkConfig, QNetwork
-from asla.agents.training import train
+from asla.agents.training import latest_checkpoint, train
 
 from asla import CheckpointError, ConfigError, load_problem
 from asla.builder import (
@@ -67,7 +68,7 @@ def test_augmentation_gives_legal_equivalent_pair_with_same_energy(name):
         new_pts, new_act = augmentation.exact(problem.symmetry, rng, pts, np.array([state.points[t]]))
         # the transformed prefix, then the transformed action, is a legal build sequence
         replay = BuildState(problem)
-        for s, layer, k in zip(state.species[:t], state.layers[:t], new_pts[0]):
+        for s, layer, k in zip(state.species[:t], state.layers[:t], new_pts[0], strict=True):
             replay.place(encode_action(problem, s, layer, int(k)))
         assert replay.action_mask()[encode_action(problem, state.species[t], state.layers[t], int(new_act[0]))]
         # every atom stays on its species channel, the atom count is unchanged
@@ -78,7 +79,8 @@ def test_augmentation_gives_legal_equivalent_pair_with_same_energy(name):
         # the whole transformed structure has the same energy
         ms, ts = problem.symmetry.sample(rng, 1)
         full = problem.symmetry.apply(ms[0], ts[0], np.array(state.points))
-        acts = [encode_action(problem, s, layer, int(k)) for s, layer, k in zip(state.species, state.layers, full)]
+        acts = [encode_action(problem, s, layer, int(k))
+                for s, layer, k in zip(state.species, state.layers, full, strict=True)]
         e0 = ev.evaluate(state.atoms()).energy
         e1 = ev.evaluate(atoms_from_actions(problem, acts)).energy
         assert e1 == pytest.approx(e0, abs=1e-6)
@@ -120,15 +122,18 @@ def test_load_refuses_mismatch_and_corrupt_files(tmp_path):
 
 def test_resume_after_interruption_is_bit_for_bit(tmp_path):
     full = train(tiny_cfg(episodes=48, seed=5), run_dir=tmp_path / "full", progress=False)
-    part = train(tiny_cfg(episodes=48, seed=5, _stop_after_episodes=28), run_dir=tmp_path / "part", progress=False)
+    part = train(tiny_cfg(episodes=48, seed=5), run_dir=tmp_path / "part", progress=False,
+                 callbacks=[StopAfterEpisodes(28)])  # stops as a kill would: no checkpoint at 28
     assert part["episodes"] == 28  # checkpoint at 20, then 8 episodes that the resume must redo
+    assert latest_checkpoint(tmp_path / "part").name == "ckpt-00000020"
     resumed = train(None, run_dir=tmp_path / "part", resume=True, progress=False)
     assert resumed["episodes"] == 48
     assert resumed["best_energy"] == full["best_energy"]
     assert resumed["energy_evaluations"] == full["energy_evaluations"]
-    assert resumed["history"] == [dict(h, seconds=r["seconds"]) for h, r in zip(full["history"], resumed["history"])]
+    assert resumed["history"] == [dict(h, seconds=r["seconds"])
+                                  for h, r in zip(full["history"], resumed["history"], strict=True)]
     a, b = Agent.load(tmp_path / "full"), Agent.load(tmp_path / "part")
-    for (k, va), (_, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+    for (k, va), (_, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items(), strict=True):
         assert torch.equal(va, vb), k
     from ase.db import connect
     episodes = [row.episode for row in connect(str(tmp_path / "part" / "evaluations.db")).select()]
@@ -209,8 +214,10 @@ def test_arbitrary_rotation_option_regrids_onto_the_grid_and_trains(tmp_path):
     c = grid.positions[0, centre, :2]
     exact_xy = (grid.positions[0, pts[0], :2] - c) @ rot.T + c
     exact_xyz = np.column_stack([exact_xy, np.full(len(exact_xy), grid.layer_z[0])])
-    err = [grid.min_image_distances(grid.positions[0, [k]], x[None])[0, 0] for k, x in zip(snapped, exact_xyz)]
-    half_diagonal = max(np.linalg.norm(grid.pixel[0] + grid.pixel[1]), np.linalg.norm(grid.pixel[0] - grid.pixel[1])) / 2
+    err = [grid.min_image_distances(grid.positions[0, [k]], x[None])[0, 0]
+           for k, x in zip(snapped, exact_xyz, strict=True)]
+    half_diagonal = max(np.linalg.norm(grid.pixel[0] + grid.pixel[1]),
+                        np.linalg.norm(grid.pixel[0] - grid.pixel[1])) / 2
     assert 0 < max(err) <= half_diagonal + 1e-9
     summary = train(tiny_cfg(episodes=12, augment={"exact": True, "arbitrary_rotation": True}),
                     run_dir=tmp_path / "rot", progress=False)
