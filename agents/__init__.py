@@ -8,11 +8,11 @@ from typing import Any
 from .agent import Agent, BuildResult, list_pretrained
 from .qnetwork import NetworkConfig, QNetwork
 
-__all__ = ["Agent", "BuildResult", "NetworkConfig", "QNetwork", "list_pretrained", "train"]
+__all__ = ["Agent", "BuildResult", "NetworkConfig", "QNetwork", "Trainer", "list_pretrained", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "train":
-        from .training import train
-        return train
+    if name in ("train", "Trainer"):
+        from . import training
+        return getattr(training, name)
     raise AttributeError(f"module 'asla.agents' has no attribute {name!r}")
