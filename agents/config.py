@@ -167,7 +167,7 @@ class Recipe:
                           nullable=True, check=_problem)
     problem_overrides: dict = option({}, "problem fields to change, e.g. {relax: {steps: 10}} for relaxation before "
                                      "the reward", "mapping")
-    seed: int = option(0, "seed of every random choice (same seed, same run)", "int", minimum=0, maximum=2**63 - 1)
+    seed: int = option(0, "seed of every random choice (same seed, same run)", "int", minimum=0, maximum=2**32 - 1)
     episodes: int = option(1000, "builds to train for", "int", minimum=1, maximum=10**9)
     n_builders: int = option(4, "builds per iteration, forward passes batched", "int", minimum=1, maximum=4096)
     device: str | None = option(None, "torch device: cpu, cuda, cuda:N or mps (default: cuda when available, "

@@ -2,6 +2,10 @@
 
 A problem is loaded from YAML (a shipped short name such as ``pd100-oxide-3x3`` or a path) and
 validated up front, so a typo fails in one line naming the field rather than hours into a run.
+Every field is declared once in :class:`ProblemSpec` and its sections (type, range, default, doc; see
+asla/schema.py); the checks that relate fields (the cell against the heights, the bag's area against the region,
+the grid's size) follow in :func:`problem_from_dict`. This module does not import the builder: the random-build
+fit check is ``asla.builder.check_fits``.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class Option:
 
 
 def _num(x: float) -> str:
-    return f"{int(x):,}".replace(",", "_") if float(x).is_integer() and abs(x) >= 10_000 else f"{x:g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def option(default: Any, doc: str, kind: str, **constraints: Any) -> Any:
