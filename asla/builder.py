@@ -13,6 +13,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
+from .errors import ProblemError
 from .problem import Problem
 
 
@@ -231,3 +232,17 @@ def random_build(problem: Problem, rng: np.random.Generator) -> BuildState:
             break
         state.place(int(rng.choice(legal)))
     return state
+
+
+def check_fits(problem: Problem, tries: int = 50) -> None:
+    """Refuse a bag that cannot be placed: after the area check of load_problem, try random legal builds.
+
+    Its own generator (seed 0), so it consumes no random numbers of a search. Up to `tries` builds: about a
+    second on an 8x8 cell, so load_problem leaves it to ``asla check`` and to callers that ask."""
+    rng = np.random.default_rng(0)
+    for _ in range(tries):
+        if random_build(problem, rng).done:
+            return
+    raise ProblemError("bag", f"{problem.bag} cannot fit the build region: no legal completion in {tries} random "
+                       f"builds on a {problem.grid.shape} grid x {problem.grid.n_layers} layer(s) with "
+                       f"rules c_min={problem.rules.c_min}, c_max={problem.rules.c_max}")

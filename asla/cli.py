@@ -81,9 +81,10 @@ def cmd_problems(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .builder import n_actions, observation_shape
+    from .builder import check_fits, n_actions, observation_shape
     from .problem import load_problem
     p = load_problem(args.problem)
+    check_fits(p)  # random legal builds: the check load_problem leaves out
     print(f"problem {p.name}: {p.description}")
     print(f"  template {len(p.template)} atoms, bag {p.bag}, sequence {p.sequence or 'agent chooses'}")
     print(f"  grid {p.grid.shape} at {p.grid.spacing[0]:.3f} x {p.grid.spacing[1]:.3f} A, layers z={p.grid.layer_z}")

@@ -2,58 +2,243 @@
 
 A problem is loaded from YAML (a shipped short name such as ``pd100-oxide-3x3`` or a path) and
 validated up front, so a typo fails in one line naming the field rather than hours into a run.
+Every field is declared once in :class:`ProblemSpec` and its sections (type, range, default, doc; see
+asla/schema.py); the checks that relate fields (the cell against the heights, the bag's area against the region,
+the grid's size) follow in :func:`problem_from_dict`. This module does not import the builder: the random-build
+fit check is ``asla.builder.check_fits``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
+from . import schema
 from .errors import ProblemError
 from .grid import Grid, SymmetryGroup, symmetry_group
+from .schema import option
 
-TOP_KEYS = {"name", "description", "cell", "pbc", "template", "bag", "sequence", "region", "grid",
-            "rules", "calculator", "reference", "relax", "faults", "observation", "cache"}
 SURFACES = ("fcc100", "fcc110", "fcc111", "bcc100", "bcc110", "bcc111", "hcp0001")
+OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
+# Size guards, refused up front with the estimate rather than found by running out of memory. The grid bound is
+# about 70x the largest shipped grid (pd100-oxide-5x5: 30x30 x 3 layers); the template's distance table alone is
+# points x template atoms x 9 images x 8 bytes. ASLA_MAX_GRID_POINTS raises it.
+MAX_GRID_POINTS = int(os.environ.get("ASLA_MAX_GRID_POINTS", 200_000))
+MAX_DISTANCE_PAIRS = 20_000_000  # grid points x template atoms: the template-distance table, ~80 bytes a pair at peak
+MAX_TEMPLATE_ATOMS = 20_000
+MAX_BAG_COUNT = 10_000
+MAX_LAYERS = 64
+
+
+def _element(symbol: Any, field_name: str) -> str:
+    if not isinstance(symbol, str) or symbol not in atomic_numbers or symbol == "X":
+        raise ProblemError(field_name, f"unknown element {_short(symbol)}; use a chemical symbol such as H, C, O, Pd")
+    return symbol
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_list(n: int, low: int, high: int) -> Callable[[Any, str], Any]:
+    def check(value: Any, name: str) -> list[int]:
+        if not (isinstance(value, list) and len(value) == n
+                and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)):
+            raise ProblemError(name, f"must be {n} integers from {low} to {high}, got {_short(value)}")
+        return value
+    return check
+
+
+def _heights(positive: bool) -> Callable[[Any, str], Any]:
+    def check(value: Any, name: str) -> list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not 1 <= len(values) <= MAX_LAYERS:
+            raise ProblemError(name, f"must be a height in A or a list of 1 to {MAX_LAYERS} heights, got "
+                               f"{_short(value)}")
+        opt = schema.Option("", "number", minimum=0.0 if positive else None, exclusive_minimum=positive)
+        return [schema.check_value(opt, v, name, ProblemError) for v in values]
+    return check
+
+
+def _pbc(value: Any, name: str) -> tuple[bool, bool, bool]:
+    if isinstance(value, bool):
+        return (value, value, value)
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ProblemError(name, f"must be true, false or three of them such as [true, true, false], got {_short(value)}")
+
+
+def _bag(value: Any, name: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not value:
+        raise ProblemError(name, "must map element symbols to counts, e.g. {Pd: 9, O: 6}")
+    for sym, count in value.items():
+        _element(sym, f"{name}.{sym}")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BAG_COUNT:
+            raise ProblemError(f"{name}.{sym}", f"count must be an integer from 1 to {MAX_BAG_COUNT}, got "
+                               f"{_short(count)}")
+    return dict(value)
+
+
+def _symbols(value: Any, name: str) -> list[str]:
+    for n, sym in enumerate(value):
+        if not isinstance(sym, str):
+            raise ProblemError(f"{name}[{n}]", f"must be an element symbol, got {_short(sym)}")
+    return value
+
+
+def _symbol(value: Any, name: str) -> str:
+    return _element(value, name)
+
+
+# -- the schema: every problem field once, with its type, range, default and doc ----------------------------
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """The fixed atoms under the build region: an ase.build surface, a file, or a list of atoms."""
+
+    surface: str | None = option(None, "ase.build surface", "choice", choices=SURFACES, nullable=True)
+    symbol: str | None = option(None, "element of the surface", "any", nullable=True, check=_symbol)
+    size: list = option([1, 1, 3], "repeats along a, b and layers", "list", check=_int_list(3, 1, 1000))
+    a: float | None = option(None, "lattice constant in A (default: ASE's)", "number", nullable=True,
+                             minimum=0.0, exclusive_minimum=True)
+    vacuum: float = option(8.0, "vacuum above and below the slab in A", "number", minimum=0.0, exclusive_minimum=True)
+    file: str | None = option(None, "a structure file ase.io.read can read (instead of surface)", "str",
+                              nullable=True)
+    atoms: list | None = option(None, "[[symbol, x, y, z], ...] in A (instead of surface)", "list", nullable=True)
+    fix: Any = option(None, "kept for older files; the template is always fixed", "any")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """The heights of the build layers."""
+
+    above_template: list | None = option(None, "heights in A above the top template atom (one per layer)", "any",
+                                         nullable=True, check=_heights(True))
+    z: list | None = option(None, "absolute heights in A (default: half the cell height)", "any", nullable=True,
+                            check=_heights(False))
+    layers: int | None = option(None, "number of build layers; if given, must equal the number of heights", "int",
+                                nullable=True, minimum=1, maximum=MAX_LAYERS)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The pixel grid: a spacing (rounded to fit the cell) or an explicit shape."""
+
+    spacing: float = option(0.2, "pixel size in A, rounded so that the grid fits the cell", "number",
+                            minimum=0.0, exclusive_minimum=True)
+    divisions: list = option([1, 1], "the grid's points along a and b are multiples of these", "list",
+                             check=_int_list(2, 1, 10_000))
+    shape: list | None = option(None, "[na, nb] points along a and b (instead of spacing)", "list", nullable=True,
+                                check=_int_list(2, 2, 100_000))
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """The periodic cell given by lengths and angle (or as a 3x3 matrix instead)."""
+
+    a: float = option(None, "length of a in A", "number", minimum=0.0, exclusive_minimum=True)
+    b: float | None = option(None, "length of b in A (default: a)", "number", nullable=True, minimum=0.0,
+                             exclusive_minimum=True)
+    c: float = option(None, "height of the cell in A", "number", minimum=0.0, exclusive_minimum=True)
+    gamma: float = option(90.0, "angle between a and b in degrees", "number", minimum=0.0, exclusive_minimum=True,
+                          maximum=180.0)
 
 
 @dataclass(frozen=True)
 class Rules:
     """Placement rules in units of the sum of covalent radii (periodic images included)."""
 
-    c_min: float = 0.75
-    c_max: float = 1.4
+    c_min: float = option(0.75, "no two atoms closer than c_min x the sum of their covalent radii", "number",
+                          minimum=0.0, exclusive_minimum=True, maximum=10.0)
+    c_max: float = option(1.4, "each new atom within c_max x the sum of radii of an atom (or the template)",
+                          "number", minimum=0.0, exclusive_minimum=True, maximum=10.0)
 
 
 @dataclass(frozen=True)
 class Relaxation:
     """Optional local relaxation before the reward, with the real calculator (steps are counted)."""
 
-    steps: int = 0
-    fmax: float = 0.05
+    steps: int = option(0, "optimizer steps before the reward (0: single point)", "int", minimum=0, maximum=100_000)
+    fmax: float = option(0.05, "force threshold in eV/A that ends the relaxation", "number", minimum=0.0,
+                         exclusive_minimum=True)
     # LBFGS keeps every step of a few-step relaxation (memory 100), so it takes the same steps as BFGS (measured:
     # energies equal to 4e-14 eV on Pd oxide builds) without BFGS's eigendecomposition of the 3N x 3N Hessian
     # every step: 10 steps on pd100-oxide-5x5 took 67 ms instead of 264 ms.
-    optimizer: str = "LBFGS"
+    optimizer: str = option("LBFGS", "ase.optimize class", "choice", choices=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
 class Faults:
     """What a failed evaluation becomes: ``worst`` (flagged, worst reward) or ``raise``."""
 
-    on_error: str = "worst"
-    timeout: float | None = None
-    retries: int = 0
-    retry_settings: dict = field(default_factory=dict)
+    on_error: str = option("worst", "worst: flagged, worst reward, the run goes on; raise: the run stops", "choice",
+                           choices=("worst", "raise"))
+    timeout: float | None = option(None, "seconds before an evaluation counts as failed (null: no limit)", "number",
+                                   nullable=True, minimum=0.0, exclusive_minimum=True)
+    retries: int = option(0, "retries of a failed evaluation, with retry_settings", "int", minimum=0, maximum=100)
+    retry_settings: dict = option({}, "calculator keywords changed for the retries", "mapping")
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """How the structure is drawn for the network."""
+
+    template_channels: int = option(2, "template planes nearest the build region drawn as channels", "int",
+                                    minimum=0, maximum=16)
+    smear: float = option(0.0, "0: one-hot pixels; a width in A draws each atom as a Gaussian", "number",
+                          minimum=0.0, maximum=5.0)
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The best known structure, for reporting (not used by the search)."""
+
+    energy: float | None = option(None, "total energy in eV", "number", nullable=True)
+    method: str | None = option(None, "how it was found", "str", nullable=True)
+    relaxed: bool | None = option(None, "whether it is a relaxed energy (else on-grid)", "bool", nullable=True)
+    structure: str | None = option(None, "file of the structure", "str", nullable=True)
+    note: str | None = option(None, "free text", "str", nullable=True)
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """A build problem as written in YAML (configs/problems/*.yaml); sections may be left out for their defaults."""
+
+    name: str | None = option(None, "short name (default: the file name)", "str", nullable=True)
+    description: str = option("", "one line for listings", "str")
+    cell: Any = option(None, "{a, b, c, gamma} or a 3x3 matrix in A (default: the template's cell)", "any")
+    pbc: Any = option([True, True, False], "[true, true, false] (surface or sheet), [true, true, true], or "
+                      "[false, false, false] (a molecule in a plane)", "any", check=_pbc)
+    template: TemplateSpec | None = schema.section(TemplateSpec, "fixed atoms under the build region (null: none)",
+                                                   nullable=True)
+    bag: dict = option(None, "element symbols to counts, e.g. {Pd: 9, O: 6} (required)", "any", check=_bag)
+    sequence: list | None = option(None, "forced build order, one symbol per bag atom (default: the agent chooses)",
+                                   "list", nullable=True, check=_symbols)
+    region: RegionSpec = schema.section(RegionSpec, "build layers")
+    grid: GridSpec = schema.section(GridSpec, "pixel grid")
+    rules: Rules = schema.section(Rules, "placement rules")
+    calculator: Any = option({"name": "emt"}, "emt | tersoff | lj | tblite | gpaw | brenner | sleep | "
+                             "package.module:Class, plus keyword arguments", "any")
+    reference: ReferenceSpec = schema.section(ReferenceSpec, "best known structure")
+    relax: Relaxation = schema.section(Relaxation, "relaxation before the reward")
+    faults: Faults = schema.section(Faults, "failed evaluations")
+    observation: ObservationSpec = schema.section(ObservationSpec, "the network's picture")
+    cache: Any = option(None, "kept for older files; ignored", "any")
+
+
+TOP_KEYS = {f.name for f in dataclasses.fields(ProblemSpec)}
 
 
 @dataclass
@@ -136,10 +321,14 @@ def list_problems() -> list[str]:
 
 
 def load_problem(name_or_path: str | Path | dict | Problem, **overrides: Any) -> Problem:
-    """Load a shipped problem by short name, a YAML path, or a dict; validate it."""
+    """Load a shipped problem by short name, a YAML path, or a dict; validate it.
+
+    Only cheap checks run here (types, ranges, sizes, the bag's area against the build region): loading does no
+    random builds. ``asla.builder.check_fits(problem)`` also tries random legal builds (``asla check`` does)."""
     if isinstance(name_or_path, Problem):
         return name_or_path
     if isinstance(name_or_path, dict):
+        schema.check_size(name_or_path, "problem", ProblemError)
         data = copy.deepcopy(name_or_path)
     else:
         path = Path(name_or_path)
@@ -150,10 +339,7 @@ def load_problem(name_or_path: str | Path | dict | Problem, **overrides: Any) ->
                                    f"{', '.join(list_problems())} (or give a YAML path)")
         if not path.exists():
             raise ProblemError("problem", f"file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ProblemError("problem", f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = schema.load_yaml_file(path, "problem", ProblemError)
         if not isinstance(data, dict):
             raise ProblemError("problem", f"{path} must hold a mapping of problem fields")
         data.setdefault("name", path.stem)
@@ -165,8 +351,12 @@ def load_problem(name_or_path: str | Path | dict | Problem, **overrides: Any) ->
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     """Set a (dotted) field; a mapping is merged into the section it overrides, so {rules: {c_min: 0.8}} keeps c_max."""
     parts = key.split(".")
-    for part in parts[:-1]:
-        data = data.setdefault(part, {})
+    for n, part in enumerate(parts[:-1]):
+        if data.get(part) is None:
+            data[part] = {}
+        data = data[part]
+        if not isinstance(data, dict):
+            raise ProblemError(".".join(parts[:n + 1]), f"must be a mapping to set {key}, got {_short(data)}")
     data[parts[-1]] = _merged(data.get(parts[-1]), value)
 
 
@@ -176,214 +366,180 @@ def _merged(old: Any, new: Any) -> Any:
     return new
 
 
-def _check_keys(section: str, data: dict, allowed: set[str]) -> None:
-    if not isinstance(data, dict):
-        raise ProblemError(section, f"must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ProblemError(f"{section}.{unknown[0]}" if section else unknown[0],
-                           f"unknown key; allowed: {', '.join(sorted(allowed))}")
-
-
-def _element(symbol: Any, field_name: str) -> str:
-    if not isinstance(symbol, str) or symbol not in atomic_numbers or symbol == "X":
-        raise ProblemError(field_name, f"unknown element {symbol!r}; use a chemical symbol such as H, C, O, Pd")
-    return symbol
-
-
 def _number(value: Any, field_name: str, positive: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ProblemError(field_name, f"must be a number, got {value!r}") from None
-    if not math.isfinite(x) or (positive and x <= 0):
-        raise ProblemError(field_name, f"must be a {'positive ' if positive else ''}finite number, got {value!r}")
-    return x
+    opt = schema.Option("", "number", minimum=0.0 if positive else None, exclusive_minimum=positive)
+    return float(schema.check_value(opt, value, field_name, ProblemError))
 
 
 def _build_cell(spec: Any) -> np.ndarray:
     if isinstance(spec, dict):
-        _check_keys("cell", spec, {"a", "b", "c", "gamma"})
-        a = _number(spec.get("a"), "cell.a", positive=True)
-        b = _number(spec.get("b", a), "cell.b", positive=True)
-        c = _number(spec.get("c"), "cell.c", positive=True)
-        gamma = _number(spec.get("gamma", 90.0), "cell.gamma")
+        cs = schema.from_mapping(CellSpec, spec, "cell.", ProblemError)
+        for key in ("a", "c"):
+            if getattr(cs, key) is None:
+                raise ProblemError(f"cell.{key}", "is required: a positive length in A")
+        a, c, gamma = float(cs.a), float(cs.c), float(cs.gamma)
+        b = a if cs.b is None else float(cs.b)
         if not 0 < gamma < 180:
             raise ProblemError("cell.gamma", f"must lie strictly between 0 and 180 degrees, got {gamma}")
         g = math.radians(gamma)
         return np.array([[a, 0, 0], [b * math.cos(g), b * math.sin(g), 0], [0, 0, c]])
     try:
         cell = np.array(spec, dtype=float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ProblemError("cell", "must be {a, b, c, gamma} or a 3x3 matrix of numbers") from None
     if cell.shape == (3,):
         cell = np.diag(cell)
     if cell.shape != (3, 3) or not np.all(np.isfinite(cell)):
-        raise ProblemError("cell", f"must be {{a, b, c, gamma}} or a 3x3 matrix, got shape {cell.shape}")
+        raise ProblemError("cell", f"must be {{a, b, c, gamma}} or a 3x3 matrix of finite numbers, got shape "
+                           f"{cell.shape}")
     if abs(np.linalg.det(cell)) < 1e-6:
         raise ProblemError("cell", "cell vectors are linearly dependent (zero volume)")
     return cell
 
 
-def _build_template(spec: Any) -> Atoms:
+def _build_template(spec: TemplateSpec | None) -> Atoms:
     from ase import build
     if spec is None:
         return Atoms()
-    _check_keys("template", spec, {"surface", "symbol", "size", "a", "vacuum", "file", "atoms", "fix"})
-    if "file" in spec:
+    if spec.file is not None:
         from ase.io import read
         try:
-            return read(spec["file"])
+            atoms = read(spec.file)
         except Exception as exc:  # noqa: BLE001 - any ase.io failure is a config error here
-            raise ProblemError("template.file", f"cannot read {spec['file']!r}: {exc}") from None
-    if "atoms" in spec:
+            raise ProblemError("template.file", f"cannot read {spec.file!r}: {exc}") from None
+        if len(atoms) > MAX_TEMPLATE_ATOMS:
+            raise ProblemError("template.file", f"holds {len(atoms)} atoms; at most {MAX_TEMPLATE_ATOMS}")
+        return atoms
+    if spec.atoms is not None:
+        if len(spec.atoms) > MAX_TEMPLATE_ATOMS:
+            raise ProblemError("template.atoms", f"lists {len(spec.atoms)} atoms; at most {MAX_TEMPLATE_ATOMS}")
         symbols, positions = [], []
-        for n, row in enumerate(spec["atoms"]):
+        for n, row in enumerate(spec.atoms):
+            if not isinstance(row, list) or len(row) != 4:
+                raise ProblemError(f"template.atoms[{n}]", f"must be [symbol, x, y, z], got {_short(row)}")
             symbols.append(_element(row[0], f"template.atoms[{n}]"))
             positions.append([_number(x, f"template.atoms[{n}]") for x in row[1:4]])
         return Atoms(symbols, positions=positions)
-    surface = spec.get("surface")
-    if surface not in SURFACES:
-        raise ProblemError("template.surface", f"unknown surface {surface!r}; allowed: {', '.join(SURFACES)}")
-    symbol = _element(spec.get("symbol"), "template.symbol")
-    size = spec.get("size", [1, 1, 3])
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ProblemError("template.size", f"must be three positive integers, got {size!r}")
-    kwargs = {"vacuum": _number(spec.get("vacuum", 8.0), "template.vacuum", positive=True)}
-    if "a" in spec:
-        kwargs["a"] = _number(spec["a"], "template.a", positive=True)
+    if spec.surface is None:
+        raise ProblemError("template.surface", f"is required (or file, or atoms); allowed: {', '.join(SURFACES)}")
+    if spec.symbol is None:
+        raise ProblemError("template.symbol", "is required with template.surface: an element such as Pd")
+    size = spec.size
+    if math.prod(size) > MAX_TEMPLATE_ATOMS:
+        raise ProblemError("template.size", f"{size} gives {math.prod(size)} or more atoms; at most "
+                           f"{MAX_TEMPLATE_ATOMS}")
+    kwargs = {"vacuum": float(spec.vacuum)}
+    if spec.a is not None:
+        kwargs["a"] = float(spec.a)
     try:
-        return getattr(build, surface)(symbol, tuple(size), **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise ProblemError("template", f"ase.build.{surface} failed: {exc}") from None
+        return getattr(build, spec.surface)(spec.symbol, tuple(size), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - ase.build raises many types for impossible surfaces
+        raise ProblemError("template", f"ase.build.{spec.surface} failed: {exc}") from None
+
+
+def _layer_heights(region: RegionSpec, template: Atoms, cell: np.ndarray) -> list[float]:
+    if region.z is not None and region.above_template is not None:
+        raise ProblemError("region", "give either z (absolute heights) or above_template (heights above the top "
+                           "template atom)")
+    if region.above_template is not None:
+        if not len(template):
+            raise ProblemError("region.above_template", "needs a template; use region.z for problems without one")
+        top = float(template.positions[:, 2].max())
+        layer_z = [top + h for h in region.above_template]
+    else:
+        layer_z = [float(z) for z in (region.z if region.z is not None else [cell[2, 2] / 2])]
+    if any(not 0 <= z <= cell[2, 2] for z in layer_z):
+        raise ProblemError("region", f"layer heights {layer_z} must lie inside the cell (0 to {cell[2, 2]:.2f} A)")
+    if region.layers is not None and region.layers != len(layer_z):
+        raise ProblemError("region.layers", f"is {region.layers} but {len(layer_z)} height(s) are given")
+    return layer_z
+
+
+def _grid_shape(spec: GridSpec, cell: np.ndarray, n_layers: int) -> tuple[int, int]:
+    """The grid's shape, refused up front if it would exceed MAX_GRID_POINTS (before anything is allocated)."""
+    if spec.shape is not None:
+        shape, where = tuple(spec.shape), "grid.shape"
+    else:
+        lengths = np.linalg.norm(cell[:2, :2], axis=1)
+        div = spec.divisions
+        shape = tuple(int(d * max(1, round(L / d / spec.spacing))) for L, d in zip(lengths, div, strict=True))
+        where = "grid.spacing" if spec.spacing * 100 < max(lengths) else "grid.divisions"
+    points = shape[0] * shape[1] * n_layers
+    if points > MAX_GRID_POINTS:
+        raise ProblemError(where, f"gives a {shape[0]}x{shape[1]} grid x {n_layers} layer(s) = {points:,} points, "
+                           f"above the limit of {MAX_GRID_POINTS:,} (environment variable ASLA_MAX_GRID_POINTS); "
+                           "use a coarser spacing")
+    return shape
 
 
 def problem_from_dict(data: dict) -> Problem:
     source = copy.deepcopy(data)
-    _check_keys("", data, TOP_KEYS)
-    name = str(data.get("name", "problem"))
+    if data.get("name") is not None and not isinstance(data["name"], str):
+        data = {**data, "name": str(data["name"])}
+    spec: ProblemSpec = schema.from_mapping(ProblemSpec, data, "", ProblemError)
+    name = spec.name or "problem"
 
     # bag and species
-    bag_spec = data.get("bag")
-    if not isinstance(bag_spec, dict) or not bag_spec:
+    if spec.bag is None:
         raise ProblemError("bag", "must map element symbols to counts, e.g. {Pd: 9, O: 6}")
-    bag: dict[str, int] = {}
-    for sym, count in bag_spec.items():
-        _element(sym, f"bag.{sym}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ProblemError(f"bag.{sym}", f"count must be a positive integer, got {count!r}")
-        bag[sym] = count
+    bag = spec.bag
     species = list(bag)
-
-    sequence = data.get("sequence")
+    sequence = spec.sequence
     if sequence is not None:
-        if not isinstance(sequence, list):
-            raise ProblemError("sequence", "must be a list of element symbols, one per atom of the bag")
         for n, sym in enumerate(sequence):
             if sym not in bag:
-                raise ProblemError(f"sequence[{n}]", f"element {sym!r} is not in the bag; allowed: {', '.join(species)}")
+                raise ProblemError(f"sequence[{n}]",
+                                   f"element {sym!r} is not in the bag; allowed: {', '.join(species)}")
         counts = {s: sequence.count(s) for s in species}
         if counts != bag:
             raise ProblemError("sequence", f"must use each bag atom once: bag {bag}, sequence has {counts}")
 
-    template = _build_template(data.get("template"))
-    if "cell" in data:
-        cell = _build_cell(data["cell"])
+    template = _build_template(spec.template)
+    if spec.cell is not None:
+        cell = _build_cell(spec.cell)
     elif len(template):
         cell = np.array(template.cell)
     else:
         raise ProblemError("cell", "is required when there is no template")
-    if len(template) and (template.cell.rank == 0):
-        template.set_cell(cell)
-    pbc = tuple(bool(x) for x in data.get("pbc", [True, True, False]))
-    if len(pbc) != 3 or pbc[0] != pbc[1] or pbc[2] and not pbc[0]:
+    pbc = spec.pbc if isinstance(spec.pbc, tuple) else _pbc(spec.pbc, "pbc")
+    if pbc[0] != pbc[1] or pbc[2] and not pbc[0]:
         raise ProblemError("pbc", "allowed: [true, true, false] (surface or sheet), [true, true, true] or "
                            f"[false, false, false] (a molecule built in a plane in vacuum); got {data.get('pbc')}")
     template.set_cell(cell)
     template.set_pbc(pbc)
     template.info = {}  # ase.build's adsorbate_info cannot go into extxyz/ase.db
 
-    # build region: heights of the layers
-    region = data.get("region", {})
-    _check_keys("region", region, {"layers", "above_template", "z"})
-    if "z" in region and "above_template" in region:
-        raise ProblemError("region", "give either z (absolute heights) or above_template (heights above the top template atom)")
-    if "above_template" in region:
-        if not len(template):
-            raise ProblemError("region.above_template", "needs a template; use region.z for problems without one")
-        top = float(template.positions[:, 2].max())
-        heights = region["above_template"]
-        heights = heights if isinstance(heights, list) else [heights]
-        layer_z = [top + _number(h, "region.above_template", positive=True) for h in heights]
-    else:
-        heights = region.get("z", cell[2, 2] / 2)
-        heights = heights if isinstance(heights, list) else [heights]
-        layer_z = [_number(h, "region.z") for h in heights]
-    if not layer_z or any(not 0 <= z <= cell[2, 2] for z in layer_z):
-        raise ProblemError("region", f"layer heights {layer_z} must lie inside the cell (0 to {cell[2, 2]:.2f} A)")
+    layer_z = _layer_heights(spec.region, template, cell)
+    shape = _grid_shape(spec.grid, cell, len(layer_z))
+    pairs = shape[0] * shape[1] * len(layer_z) * len(template)
+    if pairs > MAX_DISTANCE_PAIRS:
+        raise ProblemError("grid", f"{shape[0]}x{shape[1]} points x {len(layer_z)} layer(s) x {len(template)} template "
+                           f"atoms = {pairs:,} distances (about {pairs * 80 / 1e9:.1f} GB), above the limit of "
+                           f"{MAX_DISTANCE_PAIRS:,}; use a coarser grid or a smaller template")
+    grid = Grid(cell, shape, layer_z, periodic=pbc[0])
 
-    # grid
-    grid_spec = data.get("grid", {})
-    _check_keys("grid", grid_spec, {"spacing", "divisions", "shape"})
-    if "shape" in grid_spec:
-        shape = grid_spec["shape"]
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 1 for s in shape)):
-            raise ProblemError("grid.shape", f"must be two integers > 1, got {shape!r}")
-    else:
-        spacing = _number(grid_spec.get("spacing", 0.2), "grid.spacing", positive=True)
-        div = grid_spec.get("divisions", [1, 1])
-        if not (isinstance(div, list) and len(div) == 2 and all(isinstance(d, int) and d > 0 for d in div)):
-            raise ProblemError("grid.divisions", f"must be two positive integers, got {div!r}")
-        lengths = np.linalg.norm(cell[:2, :2], axis=1)
-        shape = [int(d * max(1, round(L / d / spacing))) for L, d in zip(lengths, div)]
-    grid = Grid(cell, tuple(shape), layer_z, periodic=pbc[0])
-
-    rules_spec = data.get("rules", {})
-    _check_keys("rules", rules_spec, {"c_min", "c_max"})
-    rules = Rules(c_min=_number(rules_spec.get("c_min", 0.75), "rules.c_min", positive=True),
-                  c_max=_number(rules_spec.get("c_max", 1.4), "rules.c_max", positive=True))
+    rules = Rules(c_min=float(spec.rules.c_min), c_max=float(spec.rules.c_max))
+    relax = dataclasses.replace(spec.relax, fmax=float(spec.relax.fmax))
+    faults = spec.faults if spec.faults.timeout is None else dataclasses.replace(spec.faults,
+                                                                                timeout=float(spec.faults.timeout))
     if rules.c_max <= rules.c_min:
         raise ProblemError("rules.c_max", f"must exceed rules.c_min ({rules.c_min}), got {rules.c_max}")
 
-    calc_spec = data.get("calculator", {"name": "emt"})
+    calc_spec = spec.calculator
     if isinstance(calc_spec, str):
         calc_spec = {"name": calc_spec}
     from .calculators import validate_calculator_spec
     calc_spec = validate_calculator_spec(calc_spec, species + sorted(set(template.get_chemical_symbols())))
 
-    ref = data.get("reference", {}) or {}
-    _check_keys("reference", ref, {"energy", "method", "relaxed", "structure", "note"})
-    if "energy" in ref and ref["energy"] is not None:
-        _number(ref["energy"], "reference.energy")
-
-    relax_spec = data.get("relax", {}) or {}
-    _check_keys("relax", relax_spec, {"steps", "fmax", "optimizer"})
-    relax = Relaxation(steps=int(relax_spec.get("steps", 0)), fmax=_number(relax_spec.get("fmax", 0.05), "relax.fmax", True),
-                       optimizer=str(relax_spec.get("optimizer", Relaxation.optimizer)))
-    if relax.optimizer not in ("BFGS", "FIRE", "LBFGS"):
-        raise ProblemError("relax.optimizer", f"unknown optimizer {relax.optimizer!r}; allowed: BFGS, FIRE, LBFGS")
-
-    fault_spec = data.get("faults", {}) or {}
-    _check_keys("faults", fault_spec, {"on_error", "timeout", "retries", "retry_settings"})
-    faults = Faults(on_error=str(fault_spec.get("on_error", "worst")),
-                    timeout=None if fault_spec.get("timeout") is None else _number(fault_spec["timeout"], "faults.timeout", True),
-                    retries=int(fault_spec.get("retries", 0)),
-                    retry_settings=dict(fault_spec.get("retry_settings", {}) or {}))
-    if faults.on_error not in ("worst", "raise"):
-        raise ProblemError("faults.on_error", f"unknown policy {faults.on_error!r}; allowed: worst, raise")
-
+    ref = data.get("reference", {}) or {}   # the fields given, as before (checked by ReferenceSpec above)
     obs = data.get("observation", {}) or {}
-    _check_keys("observation", obs, {"template_channels", "smear"})
-    if "smear" in obs:
-        obs = {**obs, "smear": _number(obs["smear"], "observation.smear")}
-        if obs["smear"] < 0:
-            raise ProblemError("observation.smear", f"must be 0 (one-hot pixels) or a width in A, got {obs['smear']}")
+    obs = {k: (float(v) if k == "smear" else v) for k, v in obs.items()}
 
-    problem = Problem(name=name, description=str(data.get("description", "")), cell=cell, pbc=pbc,
-                      template=template, species=species, bag=bag, sequence=sequence, grid=grid, rules=rules,
+    problem = Problem(name=name, description=spec.description, cell=cell, pbc=pbc,
+                      template=template, species=species, bag=dict(bag), sequence=sequence, grid=grid, rules=rules,
                       calculator=calc_spec, reference=dict(ref), relax=relax, faults=faults,
                       observation=dict(obs), source=source)
-    _check_fits(problem)
+    check_area(problem)
     return problem
 
 
@@ -391,24 +547,12 @@ def covalent_radius(symbol: str) -> float:
     return float(covalent_radii[atomic_numbers[symbol]])
 
 
-def _check_fits(problem: Problem) -> None:
-    """Refuse a bag that cannot be placed: first by area, then by trying random legal builds."""
-    from .builder import BuildState
+def check_area(problem: Problem) -> None:
+    """Refuse a bag whose atoms' exclusion discs (c_min x covalent radius) exceed the build region's area.
+
+    Cheap, so every load runs it; the search for a legal completion is asla.builder.check_fits."""
     area = abs(np.linalg.det(problem.cell[:2, :2])) * problem.grid.n_layers
     need = sum(n * math.pi * (problem.rules.c_min * covalent_radius(s)) ** 2 for s, n in problem.bag.items())
     if need > area:
         raise ProblemError("bag", f"{problem.bag} cannot fit the build region ({area:.1f} A^2 over "
                            f"{problem.grid.n_layers} layer(s)) under rules.c_min={problem.rules.c_min}")
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        state = BuildState(problem)
-        while not state.done:
-            legal = np.flatnonzero(state.action_mask())
-            if len(legal) == 0:
-                break
-            state.place(int(rng.choice(legal)))
-        if state.done:
-            return
-    raise ProblemError("bag", f"{problem.bag} cannot fit the build region: no legal completion in 50 random builds "
-                       f"on a {problem.grid.shape} grid x {problem.grid.n_layers} layer(s) with "
-                       f"rules c_min={problem.rules.c_min}, c_max={problem.rules.c_max}")
