@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from asla.builder import encode_observation
+from asla.builder import check_fits, encode_observation
 from asla.errors import CheckpointError, ConfigError
 from asla.executor import make_executor
 from asla.problem import load_problem
@@ -142,6 +142,7 @@ class Trainer:
         self.problem = problem if problem is not None else load_problem(self.cfg["problem"],
                                                                        **self.cfg["problem_overrides"])
         if not resume:
+            check_fits(self.problem)  # a bag that cannot be completed fails now, not as dead ends; own RNG
             write_run_files(self.run_dir, self.cfg, self.problem)
         self.rng = seed_everything(self.cfg)
         self.build_learner()
