@@ -237,3 +237,14 @@ def test_config_defaults_and_round_trip():
     cfg = SurrogateConfig.from_dict({"model": "sgpr", "forces": True, "descriptor": "soap"})
     assert SurrogateConfig.from_dict(cfg.to_dict()) == cfg
     assert SurrogateConfig.from_dict(None) == SurrogateConfig()
+
+
+def test_relaxation_in_the_acquisition_and_config_kwargs(oxide, data, gpr):  # noqa: ANN001
+    cfg = SurrogateConfig(steps=5, relax_in_acquisition=True, kappa=2.0, fallback="last_good", min_points=10)
+    kwargs = cfg.relax_kwargs()
+    assert kwargs["kappa"] == 2.0 and kwargs["steps"] == 5 and kwargs["min_points"] == 10
+    res = surrogate_relax(oxide, data[46], gpr, **kwargs)
+    start = gpr.predict(data[46]).acquisition(2.0)
+    assert res.steps >= 1 and res.trajectory_energies[0] == pytest.approx(start, rel=1e-6)
+    assert min(res.trajectory_energies) < start
+    assert SurrogateConfig().relax_kwargs()["kappa"] == 0.0  # default: relax in E, screen by E - kappa*sigma
