@@ -13,6 +13,7 @@ of the shipped pretrained pd100-oxide-3x3 agent on the 2x2 problem with epsilon-
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -80,6 +81,15 @@ def training_data(problem, source: str, n: int, seed: int, epsilon: float) -> li
     raise SystemExit(f"unknown source {source!r}")
 
 
+def divergence_kind(reason: str) -> str:
+    """The check that stopped a relaxation, from `SurrogateRelaxation.reason`."""
+    for key, kind in (("floor", "floor"), ("closer than", "collision"), ("region", "region"),
+                      ("non-finite", "non-finite"), ("failed", "model failed")):
+        if key in reason:
+            return kind
+    return "other"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", default="pd100-oxide-2x2")
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 model.update(pool[:n])
                 fit_s = time.perf_counter() - t0
-                after, diverged, secs, steps = [], 0, [], []
+                after, diverged, secs, steps, reasons = [], 0, [], [], collections.Counter()
                 for atoms, e_build in zip(tests, build_e, strict=True):
                     res = surrogate_relax(problem, atoms, model, steps=args.steps, fmax=cfg.fmax, min_points=0,
                                           fallback="last_good", min_distance=cfg.min_distance,
@@ -123,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     # fallback "build" would have evaluated the unrelaxed build instead
                     after.append({"last_good": e_last_good, "build": e_build if res.diverged else e_last_good})
                     diverged += res.diverged
+                    if res.diverged:
+                        reasons[divergence_kind(res.reason)] += 1
                     secs.append(res.seconds)
                     steps.append(res.steps)
                 row = {"source": source, "n": n, "model": name, "fit_s": round(fit_s, 2),
                        "relax_s_median": round(statistics.median(secs), 2), "steps_median": statistics.median(steps),
-                       "diverged": diverged, "test_builds": len(tests),
+                       "diverged": diverged, "divergence_reasons": dict(sorted(reasons.items())),
+                       "test_builds": len(tests),
                        "train_energy_min": round(min(a.get_potential_energy() for a in pool[:n]), 2)}
                 for policy in ("last_good", "build"):
                     e = np.array([a[policy] for a in after])
