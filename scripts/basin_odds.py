@@ -4,7 +4,7 @@ The benchmark's basin criterion (asla.basin, ../shared/ASLA.md section 9) relaxe
 sizeable fraction of uniformly random legal builds relaxes into the reference minimum's basin, a method that
 relaxes many of its builds "finds" the minimum by chance, and a hit early in a run says little about learning.
 This script measures that chance for a problem: N random builds on the grid of ASLA's recipe (the random
-builder's, scripts/bench_methods.py), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
+builder's, asla.bench.methods), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
 eV/A), with the fraction in the basin (Wilson 95% interval) and the spread of relaxed energies.
 `--builder untrained-agent` draws instead the first builds of ASLA runs: a freshly initialised Q-network of the
 recipe (a new initialisation per build, as a new seed would have) acting with the recipe's starting epsilon, so a
@@ -26,16 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_methods as bm  # noqa: E402
-
-from asla import load_problem  # noqa: E402
-from asla.basin import in_basin, relaxed_energy  # noqa: E402
-from asla.builder import BuildState, random_build  # noqa: E402
-from asla.calculators import make_calculator  # noqa: E402
-from asla.storage import atomic_write_text, write_json  # noqa: E402
-
-TOL = 0.05  # eV, as the benchmark's
+from asla import load_problem
+from asla.bench.judge import TOL, in_basin, relax
+from asla.bench.problems import bench_problem
+from asla.builder import BuildState, random_build
+from asla.calculators import make_calculator
+from asla.storage import atomic_write_text, write_json
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,8 +49,7 @@ BUILDERS = ("random", "untrained-agent")
 
 def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int], BuildState], dict]:
     """A function i -> the i-th build of `kind`, on the grid of ASLA's recipe, and what it was."""
-    from asla.agents.config import load_config
-    cfg = load_config(str(bm.CONFIGS / f"{problem_name}.yaml"), [])
+    cfg = bench_problem(problem_name).config()
     grid_problem = load_problem(problem_name, **cfg["problem_overrides"])
     rng = np.random.default_rng(seed)
     if kind == "random":
@@ -99,7 +94,7 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
             reused += 1
             continue
         t = time.perf_counter()
-        e = relaxed_energy(problem, atoms)
+        e = float(relax(problem, atoms).info["relaxed_energy"])  # the benchmark judge's relaxation
         rows.append({"build": i, "built_above_reference": built - ref,
                      "relaxed_above_reference": (e - ref) if math.isfinite(e) else None,
                      "relax_seconds": time.perf_counter() - t})

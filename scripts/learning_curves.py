@@ -27,7 +27,8 @@ from asla.agents.config import load_config
 from asla.agents.training import train
 
 from asla import load_problem
-from asla.basin import first_found, relaxed_energy
+from asla.basin import relaxed_energy
+from asla.bench.judge import first_found
 from asla.builder import atoms_from_actions, random_build
 from asla.reward import EnergyEvaluator
 

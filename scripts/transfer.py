@@ -6,7 +6,7 @@
    (--init-from, empty replay, the fine-tune exploration schedule).
 4. Forced sequences: the source agent builds the 3x3 problem choosing the order itself, with all O first,
    and alternating O/Pd.
-"Found" is the basin criterion (asla.basin.found: relaxed with the problem's calculator, template fixed,
+"Found" is the benchmark's basin criterion (asla.bench.judge: relaxed with the problem's calculator, template fixed,
 within 0.05 eV of the reference minimum), checked on every new best structure of a run.
 
 Usage (the command behind docs/transfer.md):
@@ -30,7 +30,8 @@ from asla.agents.config import load_config
 from asla.agents.training import train
 
 from asla import load_problem
-from asla.basin import first_found, relaxed_energy
+from asla.basin import relaxed_energy
+from asla.bench.judge import TOL, first_found, in_basin
 from asla.builder import atoms_from_actions
 
 
@@ -88,7 +89,7 @@ def build_report(agent: Agent, problem, n: int, epsilon: float, seed: int) -> li
     for r in agent.build(problem, n=n, greedy=epsilon == 0, epsilon=epsilon, seed=seed):
         rel = relaxed_energy(problem, r.atoms) if r.ok else float("nan")
         out.append({"energy": r.energy, "relaxed": rel, "ok": r.ok,
-                    "found": bool(problem.reference_energy is not None and rel <= problem.reference_energy + 0.05)})
+                    "found": in_basin(rel, problem.reference_energy, TOL)})
     return out
 
 
