@@ -454,3 +454,34 @@ def test_strict_criterion_tells_a_distinct_arrangement_inside_the_energy_window_
     assert check["strict_judged"] and check["strict_found"]["evaluations"] == 30  # strict: only the reference itself
     only_distinct = first_in_basin(problem, trace[:1], window=5.0, strict=judge.StrictCheck(problem))
     assert only_distinct["found"] is not None and only_distinct["strict_found"] is None
+
+
+def test_reference_minima_on_a_problem_file_writes_where_told_and_rewrites_the_yaml_only_when_asked(tmp_path):
+    problem, _ = _problem_outside(tmp_path)
+    original = problem.read_text()
+    tiny = tmp_path / "tiny.yaml"  # Pd2O on Pd(100) with one build layer: the overlayer motif does not apply
+    tiny.write_text((ROOT / "configs/problems/tiny-pd2o.yaml").read_text())
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_minima.py"), "--problems",
+                               str(problem), str(tiny), "--minutes", "0.01", "--motif-top-k", "2", "--out",
+                               str(tmp_path / "out"), *extra], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=HANG)
+
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    oxide, small = bench_problem(str(problem)).slug, bench_problem(str(tiny)).slug
+    assert f"{oxide}: motif search: Pd in all 4 hollow sites" in done.stdout
+    refusal = next(line for line in done.stdout.splitlines() if line.startswith(f"{small}: motif search not"))
+    assert "bag" in refusal  # one line, saying why; basin hopping ran all the same
+    results = json.loads((tmp_path / "out" / "reference-minima.json").read_text())
+    assert set(results) == {oxide, small} and (tmp_path / "out" / "reference" / f"{oxide}.extxyz").exists()
+    assert problem.read_text() == original  # never rewritten unless asked
+    assert load_problem("pd100-oxide-2x2").reference_energy == 2.4374  # nor the shipped problem
+    (tmp_path / "out" / "reference-minima.json").unlink()
+    asked = run("--update-yaml")
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    updated = load_problem(str(problem))
+    assert updated.reference_energy == pytest.approx(json.loads(
+        (tmp_path / "out" / "reference-minima.json").read_text())[oxide]["energy"], abs=1e-6)
+    assert Path(updated.reference["structure"]).exists()
