@@ -223,14 +223,14 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "python scripts/benchmark.py") -> int:
-    ap = parser(prog.split()[-1])
+    ap = parser(prog.split()[-1] if prog.startswith("python ") else prog)
     args = ap.parse_args(argv)
     args.command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return _main(ap, args)
-    except AslaError as err:
-        ap.error(str(err))
-    return 2
+    except AslaError as err:  # a bad problem, recipe or agent: one line naming the field, exit status 2
+        print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
