@@ -382,7 +382,7 @@ def test_bad_benchmark_input_is_one_line_naming_the_option(tmp_path, capsys):
         assert main([*argv, "--report-only", "--out", str(tmp_path / "out"), "--results",
                      str(tmp_path / "runs")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and field in err[0] and err[0].startswith("benchmark.py: error: ")
+        assert len(err) == 1 and field in err[0] and err[0].startswith("scripts/benchmark.py: error: ")
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
