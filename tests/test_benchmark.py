@@ -137,7 +137,8 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
     judged = {}
     for stop in (False, True):
         check = FoundCheck(problem) if stop else None
-        outcome = bm.run_method("asla-zeroshot", bench_problem("pd100-oxide-2x2"), seed=1, budget=400, work_dir=tmp_path / str(stop),
+        outcome = bm.run_method("asla-zeroshot", bench_problem("pd100-oxide-2x2"), seed=1, budget=400,
+                                work_dir=tmp_path / str(stop),
                                 stop_when=check)
         found = first_in_basin(problem, outcome.ledger.trace)["found"]
         assert found is not None
@@ -237,7 +238,8 @@ def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_r
     path = tmp_path / "a" / "pd100-oxide-2x2" / "random-s0.json"
     first = json.loads(path.read_text())
     trace = read(path.with_name("random-s0-trace.extxyz"), index=":")
-    assert [[a.info["evaluations"], a.get_potential_energy()] for a in trace] == [[e, en] for e, _, en in first["trace"]]
+    saw = [[e, en] for e, _, en in first["trace"]]
+    assert [[a.info["evaluations"], a.get_potential_energy()] for a in trace] == saw
     assert first["window"] == -100 and first["basin_check"]["relaxations"] == 1  # only the final best
 
     again = subprocess.run(cmd(tmp_path / "a", "inf"), cwd=ROOT, capture_output=True, text=True, timeout=HANG)
@@ -276,7 +278,8 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
         assert all(r["relaxed_above_reference"] >= -result["tol"] for r in rows)
         assert all(r["relaxed_above_reference"] <= r["built_above_reference"] + 1e-6 for r in rows)
     # Different builders build differently: not the same structures under another name.
-    assert [r["built_above_reference"] for r in results[0]["rows"]] != [r["built_above_reference"] for r in results[1]["rows"]]
+    built = [[r["built_above_reference"] for r in result["rows"]] for result in results]
+    assert built[0] != built[1]
     report = (tmp_path / "basin-odds.md").read_text()
     assert "| pd100-oxide-2x2 | random | 4 |" in report and "| pd100-oxide-2x2 | untrained-agent | 4 |" in report
     # Extended to more builds in the same place, it relaxes only the new ones and keeps the other measurement.
@@ -361,8 +364,9 @@ def test_benchmark_runs_on_a_problem_file_outside_the_repository_and_writes_noth
         assert 0 < rec["evaluations_spent"] and rec["trace"] and rec["strict_judged"] is True
         assert rec["found_at_evaluations"] is None or rec["found_at_evaluations"] <= 40
         # strict implies the basin criterion, never earlier than its first hit
-        assert rec["strict_found_at_evaluations"] is None or (
-            rec["found_at_evaluations"] is not None and rec["strict_found_at_evaluations"] >= rec["found_at_evaluations"])
+        strict, hit = rec["strict_found_at_evaluations"], rec["found_at_evaluations"]
+        assert strict is None or (hit is not None and strict >= hit)
+        assert (rec["first_hit_is_reference"] is None) == (hit is None)
     assert json.loads((results / slug / "asla-s0.json").read_text())["settings"]["recipe"] == str(recipe)
     assert json.loads((results / slug / "asla-zeroshot-s0.json").read_text())["settings"]["agent"] == "pd100-oxide-3x3"
     md = (out / "benchmarks.md").read_text()
@@ -450,9 +454,12 @@ def test_strict_criterion_tells_a_distinct_arrangement_inside_the_energy_window_
              {"evaluations": 30, "seconds": 3.0, "energy": ref + 0.2, "atoms": image}]
     check = first_in_basin(problem, trace, window=5.0, strict=judge.StrictCheck(problem))
     assert check["found"]["evaluations"] == 5  # the basin criterion: within 0.05 eV, found
-    assert check["strict_judged"] and check["strict_found"]["evaluations"] == 30  # strict: only the reference itself
+    assert check["strict_judged"] and check["first_hit_is_reference"] is False  # strict: not the reference itself
+    assert check["strict_found"]["evaluations"] == 30  # the reference's own structure came later
     only_distinct = first_in_basin(problem, trace[:1], window=5.0, strict=judge.StrictCheck(problem))
     assert only_distinct["found"] is not None and only_distinct["strict_found"] is None
+    reference_first = first_in_basin(problem, trace[1:], window=5.0, strict=judge.StrictCheck(problem))
+    assert reference_first["first_hit_is_reference"] is True
 
 
 def test_reference_minima_on_a_problem_file_writes_where_told_and_rewrites_the_yaml_only_when_asked(tmp_path):
@@ -484,3 +491,19 @@ def test_reference_minima_on_a_problem_file_writes_where_told_and_rewrites_the_y
     assert updated.reference_energy == pytest.approx(json.loads(
         (tmp_path / "out" / "reference-minima.json").read_text())[oxide]["energy"], abs=1e-6)
     assert Path(updated.reference["structure"]).exists()
+
+
+def test_a_record_without_structures_takes_the_strict_verdict_only_from_a_run_with_the_same_first_hit():
+    from asla.bench.records import adopt_first_hit_verdict
+    record = {"problem": "p", "method": "random", "seed": 3, "budget": 100, "found_at_evaluations": 40,
+              "found_at_seconds": 2.0, "found_energy": 1.25}
+    again = {**record, "strict_judged": True, "strict_tol": 0.2, "first_hit_is_reference": False,
+             "command": "python scripts/benchmark.py --stop-when-found"}
+    adopted = adopt_first_hit_verdict(record, again)
+    assert adopted["strict_judged"] and adopted["first_hit_is_reference"] is False
+    assert "--stop-when-found" in adopted["strict_judged_from"] and adopted["strict_found_at_evaluations"] is None
+    assert adopt_first_hit_verdict(record, {**again, "first_hit_is_reference": True})["strict_found_at_evaluations"] == 40
+    for other in ({**again, "found_energy": 1.26}, {**again, "found_at_evaluations": 41}, {**again, "seed": 4},
+                  {**again, "strict_judged": False}, None):
+        assert adopt_first_hit_verdict(record, other) is None  # not the same hit: nothing taken
+    assert adopt_first_hit_verdict(adopted, again) is None  # a verdict already there is kept

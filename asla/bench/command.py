@@ -44,6 +44,7 @@ from asla.bench.problems import (
     bench_problem,
 )
 from asla.bench.records import (
+    adopt_first_hit_verdict,
     import_training_run,
     judgement,
     load_record,
@@ -216,6 +217,10 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap.add_argument("--restore-from", metavar="BENCHMARKS_JSON",
                     help="first copy the finished runs of a report's benchmarks.json (e.g. docs/benchmarks.json) "
                          "into RESULTS where RESULTS has none, so a new machine extends the committed report")
+    ap.add_argument("--strict-from", metavar="RESULTS",
+                    help="give records whose trace keeps no structures the strict verdict on their first hit from "
+                         "the records in RESULTS of the same runs that reached the same first hit (e.g. reproduced "
+                         "with --stop-when-found)")
     ap.add_argument("--import-runs", nargs="+", default=[], metavar="METHOD=RUN_DIR_PATTERN",
                     help="judge ASLA training runs made elsewhere as this method's runs, e.g. "
                          "asla=runs/transfer/scratch-s{seed} (with one --problems); run nothing else")
@@ -255,6 +260,9 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.restore_from:
         print(f"restored {restore_records(Path(args.restore_from), results)} finished runs from {args.restore_from}",
               flush=True)
+    if args.strict_from:
+        adopted = adopt_strict(problems, args.methods, seeds, results, Path(args.strict_from))
+        print(f"strict verdicts taken from {args.strict_from} for {adopted} records", flush=True)
     skips: dict[tuple[str, str], str] = {}
     for p in problems:  # a problem without a reference minimum cannot be judged: reported, not run
         if p.load().reference_energy is None:
@@ -299,6 +307,23 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     make_report(Path(args.out), problems, args.methods, seeds, skips, results)
     print(f"wrote {Path(args.out) / 'benchmarks.md'} and benchmarks.json", flush=True)
     return 1 if failures else 0
+
+
+def adopt_strict(problems: list[BenchProblem], methods: list[str], seeds: list[int], results: Path,
+                 source: Path) -> int:
+    """`--strict-from`: asla.bench.records.adopt_first_hit_verdict for every record of these runs."""
+    adopted = 0
+    for p in problems:
+        for m in methods:
+            for s in seeds:
+                path = record_path(results, p.slug, m, s)
+                record = load_record(path)
+                other = load_record(record_path(source, p.slug, m, s))
+                new = adopt_first_hit_verdict(record, other) if record else None
+                if new is not None:
+                    write_json(path, new)
+                    adopted += 1
+    return adopted
 
 
 def _import_runs(ap: argparse.ArgumentParser, args: argparse.Namespace, problems: list[BenchProblem],

@@ -209,8 +209,9 @@ def first_in_basin(problem: Problem, trace: list[dict], tol: float = TOL, window
                    known: dict[bytes, float] | None = None, strict: StrictCheck | None = None,
                    known_structures: dict[bytes, Atoms] | None = None) -> dict:
     """First improvement of a run's best energy (rows: evaluations, seconds, energy, atoms) whose structure relaxes
-    into the global minimum's basin: `found` (None if none), and with `strict` the first that relaxes into the
-    reference structure itself: `strict_found` (None if none; `strict_judged` False where it cannot be judged).
+    into the global minimum's basin: `found` (None if none), and with `strict` whether that first hit's relaxed
+    structure is the reference structure itself (`first_hit_is_reference`) and the first row that relaxes into it
+    (`strict_found`, None if none; `strict_judged` False where it cannot be judged).
 
     Only the rows within `window` eV of the reference are relaxed, to bound the offline cost. An uninterrupted
     descent (rows at consecutive evaluations with small moves: the steps of one local relaxation that kept
@@ -257,13 +258,15 @@ def first_in_basin(problem: Problem, trace: list[dict], tol: float = TOL, window
                 "relaxed_energy": relaxed[i], "trace_index": i}
 
     judge_strict = strict is not None and strict.available
-    result: dict[str, Any] = {"found": None, "strict_found": None, "strict_judged": judge_strict}
+    result: dict[str, Any] = {"found": None, "strict_found": None, "strict_judged": judge_strict,
+                              "first_hit_is_reference": None}
     if ref is not None and trace:
         segments = _segments(trace, [i for i, row in enumerate(trace) if row["energy"] <= ref + window])
         first_seg = next((n for n, seg in enumerate(segments) if hit(seg[-1])), None)
         if first_seg is not None:
             result["found"] = row_info(next(i for i in segments[first_seg] if hit(i)))
         if judge_strict and first_seg is not None:
+            result["first_hit_is_reference"] = strict_hit(result["found"]["trace_index"])
             for seg in segments[first_seg:]:
                 if hit(seg[-1]):
                     strict_first = next((i for i in seg if hit(i) and strict_hit(i)), None)

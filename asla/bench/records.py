@@ -70,6 +70,7 @@ def judgement(problem: BenchProblem, trace: list[dict], window: float, known: di
             "found_energy": found["energy"] if found else None,
             "found_relaxed_energy": found["relaxed_energy"] if found else None,
             "strict_judged": check["strict_judged"], "strict_tol": STRICT_TOL,
+            "first_hit_is_reference": check["first_hit_is_reference"],
             "strict_found_at_evaluations": strict["evaluations"] if strict else None,
             "strict_found_at_seconds": strict["seconds"] if strict else None,
             "basin_check": {"relaxations": check["relaxations"], "reused_from_run": check["reused"],
@@ -107,6 +108,27 @@ def restore_records(report_json: Path, results: Path) -> int:
             write_json(path, run)
             restored += 1
     return restored
+
+
+def adopt_first_hit_verdict(record: dict, other: dict | None) -> dict | None:
+    """`record` with the strict verdict on its first hit taken from `other`, a run of the same problem, method and
+    seed that reached the same first hit (same evaluation, same single-point energy: the same structure, as a
+    seeded run is repeated exactly), e.g. a reproduction with --stop-when-found of a record whose trace keeps
+    energies only. None where `other` does not qualify or `record` has a verdict already."""
+    if record.get("strict_judged") or not other or not other.get("strict_judged"):
+        return None
+    if any(record.get(k) != other.get(k) for k in ("problem", "method", "seed", "found_at_evaluations")):
+        return None
+    hit = record.get("found_at_evaluations")
+    if hit is None or other.get("first_hit_is_reference") is None or other.get("found_energy") is None \
+            or abs(record["found_energy"] - other["found_energy"]) > 1e-9:
+        return None  # (a run without a hit needs no strict verdict: it has not found the reference either)
+    verdict = bool(other["first_hit_is_reference"])
+    return {**record, "strict_judged": True, "strict_tol": other.get("strict_tol", STRICT_TOL),
+            "first_hit_is_reference": verdict,
+            "strict_found_at_evaluations": hit if verdict else None,
+            "strict_found_at_seconds": record.get("found_at_seconds") if verdict else None,
+            "strict_judged_from": f"a reproduction that reached the same first hit ({other.get('command')})"}
 
 
 def import_training_run(problem: BenchProblem, method: str, seed: int, run_dir: Path, results: Path,

@@ -104,10 +104,12 @@ def summary_row(runs: list[dict], ref: float | None, within: int | None = None) 
     # count (found, or the final best in the basin, whatever its single-point energy) shows what the window missed.
     by_end = sum(r["found_at_evaluations"] is not None or in_basin(r.get("best_relaxed_energy"), ref, r.get("tol", TOL))
                  for r in runs)
-    judged = [r for r in runs if r.get("strict_judged")]
+    # Strict: the first hit's relaxed structure is the reference structure. A run without a hit is judged (not
+    # found either way); a hit needs its relaxed structure, which records made before the criterion do not keep.
+    judged = [r for r in runs if r["found_at_evaluations"] is None or r.get("first_hit_is_reference") is not None]
     return {"n": n, "found": sum(e is not None for e in ev), "found_by_end_any_window": by_end,
             "strict_judged": len(judged),
-            "strict_found": sum(r.get("strict_found_at_evaluations") is not None for r in judged),
+            "strict_found": sum(r.get("first_hit_is_reference") is True for r in judged),
             "found_within": sum(e is not None and e <= within for e in ev) if within is not None else None,
             "budget": max((r["budget"] for r in runs), default=None),
             "evals_50": to_success(ev, n, 0.5), "evals_90": to_success(ev, n, 0.9),
@@ -117,11 +119,11 @@ def summary_row(runs: list[dict], ref: float | None, within: int | None = None) 
 
 
 def strict_text(s: dict) -> str:
-    """The strict column's cell: runs whose first hit of the reference structure itself was found / runs judged."""
+    """The strict column's cell: runs whose first hit is the reference structure itself / runs judged."""
+    missing = s["n"] - s["strict_judged"]
     if not s["strict_judged"]:
         return "not judged"
-    missing = s["n"] - s["strict_judged"]
-    return f"{s['strict_found']}/{s['strict_judged']}" + (f" ({missing} not judged)" if missing else "")
+    return f"{s['strict_found']}/{s['strict_judged']}" + (f" ({missing} hits not judged)" if missing else "")
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
@@ -175,13 +177,15 @@ def markdown(report: dict) -> str:
              "its GPR keeps a one-CPU Ray pool). Details: `asla/bench/`; each run's exact AGOX "
              "configuration is in `benchmarks.json`.", "",
              "**Strict criterion.** The energy window alone can count a distinct arrangement as found (a held-back "
-             "problem had one 0.017 eV above its minimum). The column *found, strict* counts the runs whose "
-             "improvements relaxed into the reference structure itself (`docs/reference/`): every atom within "
+             "problem had one 0.017 eV above its minimum). The column *found, strict* counts the runs whose first "
+             "hit, relaxed, is the reference structure itself (`docs/reference/`): every atom within "
              f"{STRICT_TOL} Å of its match in the reference after the best of the problem's symmetry operations (the "
              "grid's rotations and mirrors that map the template onto itself, and the translations between atoms), "
-             "species matched by an optimal assignment; `asla.bench.judge.same_structure`. It needs the relaxed "
-             "structures, so only records judged from their trace structures carry it; records made before it existed "
-             "keep energies only in their trace and say *not judged*.", "",
+             "species matched by an optimal assignment; `asla.bench.judge.same_structure`. A run without a hit "
+             "counts as judged, not found. A hit needs its relaxed structure: records whose trace keeps energies "
+             "only are judged from a reproduction of the same run that reached the same first hit (same evaluation, "
+             "same energy; `--strict-from`, named in the record's `strict_judged_from`), else their hits are "
+             "*not judged*.", "",
              f"**Machine.** Runs made on {machines_text(all_runs(report))}; this report was made on {m['cpu']}, "
              f"{m['logical_cpus']} logical CPUs (about one core of real throughput), {m['memory_gib']} GiB; "
              f"{m['system']}. Wall times compare only within one machine: a row whose runs were made on more than "
@@ -196,7 +200,8 @@ def markdown(report: dict) -> str:
                   f"Reference minimum: {_fmt(ref, 4)} eV. How it was established: {entry['reference_method'] or '—'} "
                   f"(see `docs/reference-minima.md`).", "",
                   f"![success curves](benchmarks-{name}.png)", "",
-                  "| method | budget (evaluations) | seeds | found | found, strict (the reference structure) | "
+                  "| method | budget (evaluations) | seeds | found | "
+                  "found, strict: the first hit is the reference structure | "
                   "basin check window (records) | "
                   "found by the budget's end, any window | "
                   f"found within {_fmt(within)} evaluations (the smallest budget: all methods alike) | "
