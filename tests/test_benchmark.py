@@ -502,7 +502,8 @@ def test_a_record_without_structures_takes_the_strict_verdict_only_from_a_run_wi
     adopted = adopt_first_hit_verdict(record, again)
     assert adopted["strict_judged"] and adopted["first_hit_is_reference"] is False
     assert "--stop-when-found" in adopted["strict_judged_from"] and adopted["strict_found_at_evaluations"] is None
-    assert adopt_first_hit_verdict(record, {**again, "first_hit_is_reference": True})["strict_found_at_evaluations"] == 40
+    reference = adopt_first_hit_verdict(record, {**again, "first_hit_is_reference": True})
+    assert reference["strict_found_at_evaluations"] == 40
     for other in ({**again, "found_energy": 1.26}, {**again, "found_at_evaluations": 41}, {**again, "seed": 4},
                   {**again, "strict_judged": False}, None):
         assert adopt_first_hit_verdict(record, other) is None  # not the same hit: nothing taken
