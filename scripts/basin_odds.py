@@ -105,8 +105,8 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
             "builds": builds, "seed": seed,
             "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
             "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
-            "relaxed_above_reference_quantiles": ({f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)}
-                                                  if len(above) else {}),
+            "relaxed_above_reference_quantiles": (
+                {f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)} if len(above) else {}),
             "median_relax_seconds": float(np.median([r["relax_seconds"] for r in rows])) if rows else None,
             "seconds": time.perf_counter() - t0, "reused_rows": reused, "rows": rows}
 
@@ -121,7 +121,8 @@ def previous_results(path: Path) -> list[dict]:
             r["problem"], r["builder"], r["seed"], r["rows"], r["command"]  # noqa: B018 - the fields reused
         return results
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); move it away")
+        raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); "
+                         "move it away") from None
 
 
 def report(results: list[dict], command: str) -> str:
@@ -130,14 +131,16 @@ def report(results: list[dict], command: str) -> str:
              "or by an untrained ASLA agent (the recipe's network freshly initialised for each build, acting with the "
              "recipe's starting epsilon: the first builds of ASLA runs), each relaxed "
              "as the benchmark's basin check relaxes (BFGS, template fixed, fmax 0.05 eV/Å, up to 1000 steps); "
-             f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes k of "
-             "its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
-             "| problem | builder | builds relaxed | in the basin | fraction (Wilson 95%) | relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
+             f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes "
+             "k of its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
+             "| problem | builder | builds relaxed | in the basin | fraction (Wilson 95%) | "
+             "relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
              "|---|---|---:|---:|---|---|---:|"]
     for r in results:
         q = r["relaxed_above_reference_quantiles"]
         spread = " / ".join(f"{q[k]:.2f}" for k in ("0", "0.1", "0.5", "0.9")) if q else "–"
-        frac = f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None else "–"
+        frac = (f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None
+                else "–")
         lines.append(f"| {r['problem']} | {r['builder']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
                      f"{r['median_relax_seconds']:.2f} |")
     lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}` (a run with more builds reuses the "

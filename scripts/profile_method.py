@@ -35,7 +35,8 @@ def top_functions(stats: pstats.Stats, n: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, help=f"one of: {', '.join(bm.METHODS)}")
-    ap.add_argument("--problem", required=True, help="a shipped problem name (e.g. pd100-oxide-3x3) or a problem YAML path")
+    ap.add_argument("--problem", required=True,
+                    help="a shipped problem name (e.g. pd100-oxide-3x3) or a problem YAML path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=int, required=True, help="evaluations (keep it small: cProfile slows Python)")
     ap.add_argument("--top", type=int, default=40, help="functions to print and keep")
