@@ -256,7 +256,8 @@ def _markdown(report: dict, budget: int, path: Path) -> None:
              "within 0.05 eV of the reference.", "",
              f"Source agent: {report['source_run']['episodes']} episodes, {report['source_run']['evaluations']} "
              f"evaluations, found the {report['source']} minimum: {bool(report['source_run']['found'])}.", "",
-             "| run | seeds at the minimum | median evaluations to find | evaluations when found |", "|---|---|---|---|",
+             "| run | seeds at the minimum | median evaluations to find | evaluations when found |",
+             "|---|---|---|---|",
              f"| from scratch | {found_line(report['scratch'])} |",
              f"| from the 3x3 agent | {found_line(report['transfer'])} |", "",
              _speed_up(report, budget), "",
@@ -290,7 +291,8 @@ def _reading(report: dict) -> list[str]:
     out = ["## Reading the numbers", ""]
     if zs["found"]:
         out.append(f"- The 3x3 agent already builds into the 5x5 minimum's basin without any 5x5 training (greedy "
-                   f"build relaxes to {zs['relaxed']:.3f} eV). Most of the transfer speed-up is this zero-shot knowledge: "
+                   f"build relaxes to {zs['relaxed']:.3f} eV). Most of the transfer speed-up is this zero-shot "
+                   "knowledge: "
                    f"the transferred runs find the minimum after {', '.join(map(str, t_hits)) or 'no'} evaluations, "
                    f"the runs from scratch after {', '.join(map(str, s_hits)) or 'no'}.")
     else:
