@@ -125,7 +125,7 @@ def record_stands(args: argparse.Namespace, p: BenchProblem, m: str, s: int, lab
     same_window = old.get("window") == window_json(window)
     if not trace_path(path).exists():
         return same_window  # a restored record keeps no structures: it stands as judged
-    if same_window and "strict_judged" in old:
+    if same_window and "first_hit_is_reference" in old:
         return True
     rec = rejudge(p, old, path, window, args.command)
     write_json(path, rec)
