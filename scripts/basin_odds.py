@@ -1,6 +1,6 @@
 """How wide is the reference minimum's basin for a grid build? The fraction of random builds that relax into it.
 
-The benchmark's basin criterion (asla.basin, ../shared/ASLA.md section 9) relaxes a method's builds offline. If a
+The benchmark's basin criterion (asla.bench.judge, ../shared/ASLA.md section 9) relaxes a method's builds offline. If a
 sizeable fraction of uniformly random legal builds relaxes into the reference minimum's basin, a method that
 relaxes many of its builds "finds" the minimum by chance, and a hit early in a run says little about learning.
 This script measures that chance for a problem: N random builds on the grid of ASLA's recipe (the random
