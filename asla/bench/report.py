@@ -119,11 +119,15 @@ def summary_row(runs: list[dict], ref: float | None, within: int | None = None) 
 
 
 def strict_text(s: dict) -> str:
-    """The strict column's cell: runs whose first hit is the reference structure itself / runs judged."""
+    """The strict column's cell: runs whose first hit is the reference structure itself / runs; with hits not
+    judged, the range the count lies in."""
     missing = s["n"] - s["strict_judged"]
     if not s["strict_judged"]:
         return "not judged"
-    return f"{s['strict_found']}/{s['strict_judged']}" + (f" ({missing} hits not judged)" if missing else "")
+    if not missing:
+        return f"{s['strict_found']}/{s['n']}"
+    return (f"{s['strict_found']}–{s['strict_found'] + missing}/{s['n']} ({missing} hit{'s' if missing > 1 else ''} "
+            "not judged)")
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
