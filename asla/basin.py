@@ -4,6 +4,9 @@ A grid-built structure is never exactly relaxed, so comparing its single-point e
 relaxed reference would be unfair to a grid method. Every method's candidates are therefore
 relaxed with the problem's calculator (template fixed; an offline check, not counted as search
 evaluations) and compared with the reference within a tolerance (0.05 eV by default).
+
+These are the building blocks; the one judgement of a run's trace ("found", and the strict criterion beside it)
+is asla.bench.judge, used by the benchmark, its report and every script.
 """
 from __future__ import annotations
 
@@ -43,22 +46,3 @@ def found(problem: Problem, atoms: Atoms, tol: float = 0.05) -> bool:
     """True if `atoms` relaxes to within `tol` eV of the problem's reference minimum."""
     ref = problem.reference_energy
     return ref is not None and in_basin(relaxed_energy(problem, atoms), ref, tol)
-
-
-def first_found(problem: Problem, history: list[dict], tol: float = 0.05, window: float = math.inf) -> dict | None:
-    """The first improvement of a run's best energy (rows with 'energy' and 'actions') in the minimum's basin.
-
-    Only rows whose single-point energy lies within `window` eV of the reference are relaxed, to bound
-    the offline cost of relaxing (Tersoff graphene: about 45 s per relaxation here).
-    """
-    from .builder import atoms_from_actions
-    ref = problem.reference_energy
-    if ref is None:
-        return None
-    for row in history:
-        if row["energy"] > ref + window:
-            continue
-        e = relaxed_energy(problem, atoms_from_actions(problem, row["actions"]))
-        if in_basin(e, ref, tol):
-            return {**{k: v for k, v in row.items() if k != "actions"}, "relaxed_energy": e}
-    return None

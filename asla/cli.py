@@ -13,8 +13,13 @@ from .errors import AslaError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own options (asla.bench.command, as scripts/benchmark.py)
+        from .bench.command import main as bench_main
+        return bench_main(argv[1:], prog="asla bench")
     parser = argparse.ArgumentParser(prog="asla", description="Atomistic structure learning (ASLA).")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", add_help=False, help="benchmark ASLA against AGOX's searches (asla bench --help)")
 
     p = sub.add_parser("problems", help="list the shipped problems")
     p.set_defaults(func=cmd_problems)

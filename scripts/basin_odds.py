@@ -1,10 +1,10 @@
 """How wide is the reference minimum's basin for a grid build? The fraction of random builds that relax into it.
 
-The benchmark's basin criterion (asla.basin, ../shared/ASLA.md section 9) relaxes a method's builds offline. If a
+The benchmark's basin criterion (asla.bench.judge, ../shared/ASLA.md section 9) relaxes a method's builds offline. If a
 sizeable fraction of uniformly random legal builds relaxes into the reference minimum's basin, a method that
 relaxes many of its builds "finds" the minimum by chance, and a hit early in a run says little about learning.
 This script measures that chance for a problem: N random builds on the grid of ASLA's recipe (the random
-builder's, scripts/bench_methods.py), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
+builder's, asla.bench.methods), each relaxed as the basin check relaxes (BFGS, template fixed, fmax 0.05
 eV/A), with the fraction in the basin (Wilson 95% interval) and the spread of relaxed energies.
 `--builder untrained-agent` draws instead the first builds of ASLA runs: a freshly initialised Q-network of the
 recipe (a new initialisation per build, as a new seed would have) acting with the recipe's starting epsilon, so a
@@ -26,16 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_methods as bm  # noqa: E402
-
-from asla import load_problem  # noqa: E402
-from asla.basin import in_basin, relaxed_energy  # noqa: E402
-from asla.builder import BuildState, random_build  # noqa: E402
-from asla.calculators import make_calculator  # noqa: E402
-from asla.storage import atomic_write_text, write_json  # noqa: E402
-
-TOL = 0.05  # eV, as the benchmark's
+from asla import load_problem
+from asla.bench.judge import TOL, in_basin, relax
+from asla.bench.problems import bench_problem
+from asla.builder import BuildState, random_build
+from asla.calculators import make_calculator
+from asla.storage import atomic_write_text, write_json
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,8 +49,7 @@ BUILDERS = ("random", "untrained-agent")
 
 def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int], BuildState], dict]:
     """A function i -> the i-th build of `kind`, on the grid of ASLA's recipe, and what it was."""
-    from asla.agents.config import load_config
-    cfg = load_config(str(bm.CONFIGS / f"{problem_name}.yaml"), [])
+    cfg = bench_problem(problem_name).config()
     grid_problem = load_problem(problem_name, **cfg["problem_overrides"])
     rng = np.random.default_rng(seed)
     if kind == "random":
@@ -99,7 +94,7 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
             reused += 1
             continue
         t = time.perf_counter()
-        e = relaxed_energy(problem, atoms)
+        e = float(relax(problem, atoms).info["relaxed_energy"])  # the benchmark judge's relaxation
         rows.append({"build": i, "built_above_reference": built - ref,
                      "relaxed_above_reference": (e - ref) if math.isfinite(e) else None,
                      "relax_seconds": time.perf_counter() - t})
@@ -110,8 +105,8 @@ def measure(problem_name: str, builds: int, seed: int, kind: str = "random",
             "builds": builds, "seed": seed,
             "relaxed": len(rows), "failed": len(rows) - len(above), "in_basin": hits,
             "fraction": hits / len(rows) if rows else None, "wilson95": [lo, hi],
-            "relaxed_above_reference_quantiles": ({f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)}
-                                                  if len(above) else {}),
+            "relaxed_above_reference_quantiles": (
+                {f"{q:g}": float(np.quantile(above, q)) for q in (0, 0.1, 0.5, 0.9, 1)} if len(above) else {}),
             "median_relax_seconds": float(np.median([r["relax_seconds"] for r in rows])) if rows else None,
             "seconds": time.perf_counter() - t0, "reused_rows": reused, "rows": rows}
 
@@ -126,7 +121,8 @@ def previous_results(path: Path) -> list[dict]:
             r["problem"], r["builder"], r["seed"], r["rows"], r["command"]  # noqa: B018 - the fields reused
         return results
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); move it away")
+        raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); "
+                         "move it away") from None
 
 
 def report(results: list[dict], command: str) -> str:
@@ -135,14 +131,16 @@ def report(results: list[dict], command: str) -> str:
              "or by an untrained ASLA agent (the recipe's network freshly initialised for each build, acting with the "
              "recipe's starting epsilon: the first builds of ASLA runs), each relaxed "
              "as the benchmark's basin check relaxes (BFGS, template fixed, fmax 0.05 eV/Å, up to 1000 steps); "
-             f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes k of "
-             "its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
-             "| problem | builder | builds relaxed | in the basin | fraction (Wilson 95%) | relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
+             f"in the basin: relaxed within {TOL} eV of the reference. If this fraction is p, a method that relaxes "
+             "k of its builds hits by chance with probability about 1 - (1 - p)^k, whatever it learned.", "",
+             "| problem | builder | builds relaxed | in the basin | fraction (Wilson 95%) | "
+             "relaxed − reference: min / 10% / median / 90% (eV) | median s per relaxation |",
              "|---|---|---:|---:|---|---|---:|"]
     for r in results:
         q = r["relaxed_above_reference_quantiles"]
         spread = " / ".join(f"{q[k]:.2f}" for k in ("0", "0.1", "0.5", "0.9")) if q else "–"
-        frac = f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None else "–"
+        frac = (f"{r['fraction']:.3f} ({r['wilson95'][0]:.3f}–{r['wilson95'][1]:.3f})" if r["fraction"] is not None
+                else "–")
         lines.append(f"| {r['problem']} | {r['builder']} | {r['relaxed']} | {r['in_basin']} | {frac} | {spread} | "
                      f"{r['median_relax_seconds']:.2f} |")
     lines += ["", f"Made {datetime.date.today().isoformat()} with `{command}` (a run with more builds reuses the "

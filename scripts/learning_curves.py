@@ -27,7 +27,8 @@ from asla.agents.config import load_config
 from asla.agents.training import train
 
 from asla import load_problem
-from asla.basin import first_found, relaxed_energy
+from asla.basin import relaxed_energy
+from asla.bench.judge import first_found
 from asla.builder import atoms_from_actions, random_build
 from asla.reward import EnergyEvaluator
 
@@ -56,7 +57,8 @@ def main() -> None:
     ap.add_argument("--problems", nargs="+", default=list(DEFAULT_EPISODES))
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--episodes", type=int, nargs="*", help="episodes per problem (default: 2000, 2000, 5000)")
-    ap.add_argument("--window", type=float, default=40.0, help="relax improvements within this many eV of the reference")
+    ap.add_argument("--window", type=float, default=40.0,
+                    help="relax improvements within this many eV of the reference")
     ap.add_argument("--runs", default="runs/curves")
     ap.add_argument("--out", default="docs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -81,7 +83,7 @@ def main() -> None:
         return
     if args.quick:
         args.problems, args.seeds, args.episodes = ["pd100-oxide-2x2"], 1, [24]
-    episodes = dict(zip(args.problems, args.episodes)) if args.episodes else \
+    episodes = dict(zip(args.problems, args.episodes, strict=False)) if args.episodes else \
         {p: DEFAULT_EPISODES.get(p, 2000) for p in args.problems}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,8 +155,9 @@ def _markdown(report: dict, path: Path) -> None:
              "Found = basin criterion: the best structure so far, relaxed with the problem's calculator (template "
              "fixed, not counted), within 0.05 eV of the reference minimum (docs/reference-minima.md).", "",
              "![success curves](learning_curves.png)", "",
-             "| problem | episodes (median evaluations) | ASLA seeds found | median evaluations to find | random builder seeds found "
-             "| episodes/s | time: rollout (of it network forward) / calculator / learn (s per 100 episodes) |", "|---|---|---|---|---|---|---|"]
+             "| problem | episodes (median evaluations) | ASLA seeds found | median evaluations to find | "
+             "random builder seeds found | episodes/s | time: rollout (of it network forward) / calculator / learn "
+             "(s per 100 episodes) |", "|---|---|---|---|---|---|---|"]
     for name, data in report["problems"].items():
         runs = data["runs"]
         hits = [r["found"]["evaluations"] for r in runs if r["found"]]

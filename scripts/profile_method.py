@@ -1,6 +1,6 @@
 """Profile one benchmark run: where a method's wall time goes (its own code, AGOX's, the calculator's).
 
-Runs one (method, problem, seed) exactly as scripts/benchmark.py does, in a scratch directory (no record is
+Runs one (method, problem, seed) exactly as the benchmark (asla.bench) does, in a scratch directory (no record is
 written to the benchmark results), under cProfile; prints the functions with the largest cumulative time and
 writes them, with the run's wall time and evaluations, as JSON.
 
@@ -16,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_methods as bm  # noqa: E402
-
-from asla.storage import write_json  # noqa: E402
+from asla.bench import methods as bm
+from asla.bench.problems import bench_problem
+from asla.errors import AslaError
+from asla.storage import write_json
 
 
 def top_functions(stats: pstats.Stats, n: int) -> list[dict]:
@@ -35,7 +35,8 @@ def top_functions(stats: pstats.Stats, n: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, help=f"one of: {', '.join(bm.METHODS)}")
-    ap.add_argument("--problem", required=True, help="a shipped problem name, e.g. pd100-oxide-3x3")
+    ap.add_argument("--problem", required=True,
+                    help="a shipped problem name (e.g. pd100-oxide-3x3) or a problem YAML path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=int, required=True, help="evaluations (keep it small: cProfile slows Python)")
     ap.add_argument("--top", type=int, default=40, help="functions to print and keep")
@@ -44,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.method not in bm.METHODS:
         ap.error(f"--method: unknown method {args.method!r}; allowed: {', '.join(bm.METHODS)}")
 
+    try:
+        problem = bench_problem(args.problem)
+    except AslaError as err:
+        ap.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     bm.prepare(args.method)  # imports and Ray start stay out of the profile, as they stay off a run's clock
     with tempfile.TemporaryDirectory(prefix="asla-profile-") as work:
         profiler = cProfile.Profile()
         profiler.enable()
-        outcome = bm.run_method(args.method, args.problem, args.seed, args.budget, Path(work))
+        outcome = bm.run_method(args.method, problem, args.seed, args.budget, Path(work))
         profiler.disable()
     profiler.dump_stats(str(args.out / "profile.prof"))
     stats = pstats.Stats(profiler)

@@ -4,11 +4,14 @@ Per problem: chemically motivated candidates (graphene: the perfect honeycomb, w
 points), then random legal builds each relaxed with the problem's calculator (template fixed), then
 basin hopping from the best (move one or two placed atoms to a random legal site, or rattle all
 placed atoms, relax, Metropolis acceptance). The lowest relaxed energy is the reference. Every
-relaxation step is counted. Writes docs/reference-minima.json, docs/reference/<problem>.extxyz
-and updates the problem's `reference:` section.
+relaxation step is counted. Writes OUT/reference-minima.json, OUT/reference-minima.md and
+OUT/reference/<slug>.extxyz (OUT: --out, default ./docs); a problem may be a shipped name or a YAML path anywhere
+(<slug>: its name, or for a file its stem and a hash of its path, as the benchmark names it). The problem's
+`reference:` section is rewritten only with --update-yaml (a shipped problem's file only then, too).
 
 Usage:
     python scripts/reference_minima.py --problems pd100-oxide-2x2 pd100-oxide-3x3 --minutes 10
+    python scripts/reference_minima.py --problems my/oxide.yaml --minutes 5 --out my/reference --update-yaml
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ from ase.constraints import FixAtoms
 from ase.optimize import BFGS, FIRE
 
 from asla import load_problem
+from asla.bench.problems import is_shipped, slug
 from asla.builder import BuildState, atoms_from_actions, encode_action, random_build
 from asla.calculators import make_calculator
+from asla.errors import AslaError
 from asla.problem import shipped_problem_dir
-
-ROOT = Path(__file__).resolve().parents[1]
+from asla.storage import atomic_write_text, write_json
 
 
 class Search:
@@ -96,21 +100,44 @@ class Search:
                 cur, cur_e = relaxed, e
 
 
-def oxide_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
-    """Exhaustive search within one motif of the Pd(100) oxides: Pd in every hollow site (continuing the fcc
-    stacking, middle build layer) and O above a symmetry-distinct choice of the surface's top sites (upper build
-    layer, i.e. in the hollows of the new Pd layer). Each arrangement is scored by a single point on the grid and
-    the `top_k` lowest are relaxed (template fixed).
+def motif_species(p) -> tuple[str, str] | str:  # noqa: ANN001 - an asla Problem
+    """The two species of the overlayer motif (the template's top-layer metal, one atom per top site, and one
+    other element, at most one per top site), or the one-line reason the motif does not apply."""
+    if not len(p.template):
+        return "the motif needs a template surface; this problem has none"
+    top_z = p.template.positions[:, 2].max()
+    top = np.abs(p.template.positions[:, 2] - top_z) < 0.3
+    metals = sorted(set(np.array(p.template.get_chemical_symbols())[top]))
+    n_tops = int(top.sum())
+    if len(p.bag) != 2 or len(metals) != 1 or p.bag.get(metals[0]) != n_tops:
+        return (f"the motif needs a bag of two elements, the surface's top-layer metal once per top site "
+                f"({n_tops} x {'/'.join(metals)}) and one other; this bag is {p.bag}")
+    other = next(s for s in p.bag if s != metals[0])
+    if p.bag[other] > n_tops:
+        return f"the motif needs at most one {other} per top site ({n_tops}); the bag has {p.bag[other]}"
+    if p.grid.n_layers < 2:
+        return "the motif needs two build layers (metal in the hollows, the other element above)"
+    return metals[0], other
+
+
+def overlayer_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
+    """Exhaustive search within one overlayer motif (that of the Pd(100) oxides): the template's metal M in every
+    hollow site (continuing the fcc stacking, middle build layer) and the other element X above a
+    symmetry-distinct choice of the surface's top sites (upper build layer, i.e. in the hollows of the new M
+    layer). Each arrangement is scored by a single point on the grid and the `top_k` lowest are relaxed (template
+    fixed). Where the bag does not fit the motif (see `motif_species`), it says why in one line and nothing runs.
 
     The motif is the one of the 2x2 basin-hopping minimum (Pd4O4) and of the best 3x3 structure known; it is a
     hypothesis for larger cells, so random relaxed builds and basin hopping without it run as well.
     """
     p = search.p
+    species = motif_species(p)
+    if isinstance(species, str):
+        return f"motif search not applicable: {species}"
+    metal, other = species
     top_z = p.template.positions[:, 2].max()
     tops = p.template.positions[np.abs(p.template.positions[:, 2] - top_z) < 0.3]
-    n_pd, n_o = p.bag.get("Pd", 0), p.bag.get("O", 0)
-    if len(tops) != n_pd or n_o > len(tops):
-        return f"motif not applicable ({len(tops)} top sites, bag {p.bag})"
+    n_o = p.bag[other]
     a_s = np.sort(np.linalg.norm(tops[1:, :2] - tops[0, :2], axis=1))[0]  # surface lattice constant
     diag = (p.cell[0, :2] / np.linalg.norm(p.cell[0, :2]) + p.cell[1, :2] / np.linalg.norm(p.cell[1, :2])) * a_s / 2
     grid, sym = p.grid, p.symmetry
@@ -137,8 +164,8 @@ def oxide_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
             canon = np.minimum(canon, bits[perm[chunk]].sum(axis=1))
         unique.update(canon.tolist())
     # single points on the grid
-    pd_actions = [encode_action(p, p.species.index("Pd"), middle, int(k)) for k in hollow_pts]
-    o_species = p.species.index("O")
+    pd_actions = [encode_action(p, p.species.index(metal), middle, int(k)) for k in hollow_pts]
+    o_species = p.species.index(other)
     scored = []
     for mask in sorted(unique):
         actions = pd_actions + [encode_action(p, o_species, upper, int(o_sites[n]))
@@ -152,7 +179,8 @@ def oxide_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
         search.relax(atoms_from_actions(p, actions))
         if n % log_every == 0:
             print(f"  motif: relaxed {n}/{min(top_k, len(scored))}, best {search.best_e:.4f} eV", flush=True)
-    return (f"motif search: Pd in all {len(hollow_pts)} hollow sites, O above every one of the {len(unique)} "
+    return (f"motif search: {metal} in all {len(hollow_pts)} hollow sites, {other} above every one of the "
+            f"{len(unique)} "
             f"symmetry-distinct choices of {n_o} of {len(o_sites)} top sites, single points on the grid, the "
             f"{min(top_k, len(scored))} lowest relaxed")
 
@@ -173,40 +201,62 @@ def honeycomb(problem) -> Atoms:
     return s.atoms()
 
 
-def update_yaml(name: str, energy: float, method: str, structure: str) -> None:
-    path = shipped_problem_dir() / f"{name}.yaml"
+def update_yaml(path: Path, energy: float, method: str, structure: str) -> None:
+    """Rewrite the `reference:` section of the problem YAML at `path` (atomically)."""
     text = path.read_text()
     text = re.sub(r"\nreference:\n(?:  .*\n|    .*\n)*", "\n", text).rstrip() + "\n"
     text += (f"reference:\n  energy: {energy:.6f}\n  relaxed: true\n  structure: {structure}\n"
              f"  method: >-\n    {method}\n")
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
-def main() -> None:
+def problem_file(name: str) -> Path:
+    return shipped_problem_dir() / f"{name}.yaml" if is_shipped(name) else Path(name).resolve()
+
+
+def structure_entry(written: Path, yaml_path: Path, name: str) -> str:
+    """How the YAML names the structure: the shipped problems by their docs/reference/ path (relative to the source
+    tree, as the benchmark looks for it); a user's file relative to its folder where the structure lies below it."""
+    if is_shipped(name):
+        return f"docs/reference/{written.name}"
+    try:
+        return str(written.resolve().relative_to(yaml_path.parent))
+    except ValueError:
+        return str(written.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", nargs="+", default=["graphene-c24", "pd100-oxide-2x2", "pd100-oxide-3x3",
-                                                        "pd100-oxide-5x5"])
+                                                        "pd100-oxide-5x5"],
+                    help="shipped problem names or problem YAML paths")
     ap.add_argument("--minutes", type=float, default=10.0, help="search time per problem (random + basin hopping)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--motif-top-k", type=int, default=0,
-                    help="Pd(100) oxides: relax the K lowest arrangements of the Pd-top/O-hollow motif first (0: skip)")
-    ap.add_argument("--out", default=str(ROOT / "docs"))
-    ap.add_argument("--no-update", action="store_true", help="do not write the reference into the problem YAML")
-    ap.add_argument("--report-only", action="store_true", help="rewrite docs/reference-minima.md from the JSON")
-    args = ap.parse_args()
+                    help="overlayer motif (the template's metal in the hollows, one other element above top sites): "
+                         "relax the K lowest arrangements first (0: skip); says so where the bag does not fit it")
+    ap.add_argument("--out", default="docs", help="where reference-minima.json/.md and reference/ go (default ./docs)")
+    ap.add_argument("--update-yaml", action="store_true",
+                    help="write a new reference into the problem's YAML (a shipped problem's file too); default: "
+                         "the YAML is never rewritten")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/reference-minima.md from the JSON")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
         write_report(out)
-        return
+        return 0
+    try:
+        problems = [(name, slug(name), load_problem(name)) for name in args.problems]
+    except AslaError as err:
+        ap.error(str(err))
     (out / "reference").mkdir(parents=True, exist_ok=True)
     results_path = out / "reference-minima.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     from ase.io import write
-    for name in args.problems:
-        p = load_problem(name)
+    for name, key, p in problems:
         search = Search(p, args.seed)
         t0 = time.time()
-        if name.startswith("graphene"):
+        if p.name.startswith("graphene"):
             e, _ = search.relax(honeycomb(p), fmax=0.01)
             how = (f"the perfect honeycomb (its sites are grid points) relaxed with {p.calculator['name']} "
                    f"(BFGS, fmax 0.01): {e:.4f} eV; relaxed random builds lie 15-40 eV higher.")
@@ -214,7 +264,10 @@ def main() -> None:
         else:
             phases = []
             if args.motif_top_k:
-                phases.append(oxide_motif_phase(search, args.motif_top_k) + f": {search.best_e:.4f} eV")
+                motif = overlayer_motif_phase(search, args.motif_top_k)
+                print(f"{key}: {motif}", flush=True)
+                if not motif.startswith("motif search not applicable"):
+                    phases.append(motif + f": {search.best_e:.4f} eV")
             low = search.random_phase(60 * args.minutes * 0.4)
             phases.append(f"random legal grid builds relaxed with FIRE+BFGS (template fixed), lowest {low:.4f} eV")
             search.basin_hopping(60 * args.minutes * 0.6)
@@ -224,19 +277,23 @@ def main() -> None:
             how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
                    f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
                    + f". python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}{motif_arg}.")
-        prev = results.get(name, {}).get("energy", math.inf)
-        structure = f"docs/reference/{name}.extxyz"
-        if search.best_e < prev - 1e-6:
-            write(out / "reference" / f"{name}.extxyz", search.best)
-            results[name] = {"energy": search.best_e, "method": how, "relaxations": search.n_relax,
-                             "force_calls": search.n_calls, "seconds": time.time() - t0, "log": search.log}
-            if not args.no_update:
-                update_yaml(name, search.best_e, how, structure)
-        print(f"{name}: {search.best_e:.4f} eV after {search.n_relax} relaxations "
-              f"({search.n_calls} force calls, {time.time() - t0:.0f} s); kept {results[name]['energy']:.4f}",
-              flush=True)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        prev = results.get(key, {}).get("energy", math.inf)
+        if search.best is not None and search.best_e < prev - 1e-6:
+            written = out / "reference" / f"{key}.extxyz"
+            write(written, search.best)
+            results[key] = {"energy": search.best_e, "method": how, "relaxations": search.n_relax,
+                            "force_calls": search.n_calls, "seconds": time.time() - t0, "log": search.log,
+                            "structure": str(written)}
+            if args.update_yaml:
+                yaml_path = problem_file(name)
+                update_yaml(yaml_path, search.best_e, how, structure_entry(written, yaml_path, name))
+        kept = results.get(key, {}).get("energy")
+        print(f"{key}: {search.best_e:.4f} eV after {search.n_relax} relaxations "
+              f"({search.n_calls} force calls, {time.time() - t0:.0f} s); kept "
+              f"{'none' if kept is None else f'{kept:.4f}'}", flush=True)
+        write_json(results_path, results)
     write_report(out)
+    return 0
 
 
 def write_report(out: Path) -> None:
@@ -255,8 +312,8 @@ def write_report(out: Path) -> None:
     lines += ["", "Tight-binding, DFT and tiny problems: see the `reference:` section of each problem YAML "
               "(graphene-c24-xtb, graphene-c24-dft: the honeycomb, whose forces vanish by symmetry; benzene-xtb: "
               "relaxed benzene; tiny-pd2o: exhaustive enumeration)."]
-    (out / "reference-minima.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "reference-minima.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

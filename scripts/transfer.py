@@ -6,7 +6,7 @@
    (--init-from, empty replay, the fine-tune exploration schedule).
 4. Forced sequences: the source agent builds the 3x3 problem choosing the order itself, with all O first,
    and alternating O/Pd.
-"Found" is the basin criterion (asla.basin.found: relaxed with the problem's calculator, template fixed,
+"Found" is the benchmark's basin criterion (asla.bench.judge: relaxed with the problem's calculator, template fixed,
 within 0.05 eV of the reference minimum), checked on every new best structure of a run.
 
 Usage (the command behind docs/transfer.md):
@@ -30,7 +30,8 @@ from asla.agents.config import load_config
 from asla.agents.training import train
 
 from asla import load_problem
-from asla.basin import first_found, relaxed_energy
+from asla.basin import relaxed_energy
+from asla.bench.judge import TOL, first_found, in_basin
 from asla.builder import atoms_from_actions
 
 
@@ -88,7 +89,7 @@ def build_report(agent: Agent, problem, n: int, epsilon: float, seed: int) -> li
     for r in agent.build(problem, n=n, greedy=epsilon == 0, epsilon=epsilon, seed=seed):
         rel = relaxed_energy(problem, r.atoms) if r.ok else float("nan")
         out.append({"energy": r.energy, "relaxed": rel, "ok": r.ok,
-                    "found": bool(problem.reference_energy is not None and rel <= problem.reference_energy + 0.05)})
+                    "found": in_basin(rel, problem.reference_energy, TOL)})
     return out
 
 
@@ -109,10 +110,12 @@ def main() -> None:
     ap.add_argument("--zero-shot", type=int, default=10, help="epsilon=0.1 builds for the zero-shot result")
     ap.add_argument("--runs", default="runs/transfer")
     ap.add_argument("--out", default="docs")
-    ap.add_argument("--ship", action="store_true", help="copy the source and best fine-tuned agent to agents/pretrained/")
+    ap.add_argument("--ship", action="store_true",
+                    help="copy the source and best fine-tuned agent to agents/pretrained/")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report-only", action="store_true",
-                    help="recompute 'found' of every run from its run directory with the current reference, rewrite docs")
+                    help="recompute 'found' of every run from its run directory with the current reference, "
+                         "rewrite docs")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.source_evaluations, args.target_evaluations, args.zero_shot = 1, 60, 60, 2
@@ -131,7 +134,8 @@ def main() -> None:
         return
     source_recipe, target_recipe = f"configs/{args.source}.yaml", f"configs/{args.target}.yaml"
     source_p, target_p = load_problem(args.source), load_problem(args.target)
-    report: dict = {"command": "python scripts/transfer.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
+    report: dict = {"command": "python scripts/transfer.py " + " ".join(sys.argv[1:]),
+                    "python": platform.python_version(),
                     "source": args.source, "target": args.target, "target_reference": target_p.reference_energy}
 
     print(f"[1/4] training the source agent on {args.source} ({args.source_evaluations} evaluations)", flush=True)
@@ -188,7 +192,8 @@ def _write_outputs(report: dict, runs: Path, target_p, out: Path) -> None:  # no
 
 
 def _best_transfer_run(runs: Path, report: dict) -> Path | None:
-    rows = [(r["found"]["evaluations"] if r["found"] else math.inf, r["best_relaxed"], r["seed"]) for r in report["transfer"]]
+    rows = [(r["found"]["evaluations"] if r["found"] else math.inf, r["best_relaxed"], r["seed"])
+            for r in report["transfer"]]
     if not rows:
         return None
     return runs / f"transfer-s{min(rows)[2]}"
@@ -247,17 +252,21 @@ def _markdown(report: dict, budget: int, path: Path) -> None:
     lines = [f"# Transfer learning: {report['source']} -> {report['target']}", "",
              f"Command: `{report['command']}` (Python {report['python']}, 2 vCPUs, no GPU).", "",
              f"Reference minimum of {report['target']}: {ref} eV (relaxed; see docs/reference-minima.md).",
-             "Found = basin criterion: the best structure so far, relaxed with EMT (template fixed, not counted), within "
-             "0.05 eV of the reference.", "",
-             f"Source agent: {report['source_run']['episodes']} episodes, {report['source_run']['evaluations']} evaluations, "
-             f"found the {report['source']} minimum: {bool(report['source_run']['found'])}.", "",
-             "| run | seeds at the minimum | median evaluations to find | evaluations when found |", "|---|---|---|---|",
-             f"| from scratch | {found_line(report['scratch'])} |", f"| from the 3x3 agent | {found_line(report['transfer'])} |", "",
+             "Found = basin criterion: the best structure so far, relaxed with EMT (template fixed, not counted), "
+             "within 0.05 eV of the reference.", "",
+             f"Source agent: {report['source_run']['episodes']} episodes, {report['source_run']['evaluations']} "
+             f"evaluations, found the {report['source']} minimum: {bool(report['source_run']['found'])}.", "",
+             "| run | seeds at the minimum | median evaluations to find | evaluations when found |",
+             "|---|---|---|---|",
+             f"| from scratch | {found_line(report['scratch'])} |",
+             f"| from the 3x3 agent | {found_line(report['transfer'])} |", "",
              _speed_up(report, budget), "",
              "![success curves](transfer.png)", "",
-             "| seed | scratch best (relaxed) | transfer best (relaxed) | scratch evals | transfer evals |", "|---|---|---|---|---|"]
-    for s, t in zip(report["scratch"], report["transfer"]):
-        lines.append(f"| {s['seed']} | {s['best_relaxed']:.3f} | {t['best_relaxed']:.3f} | {s['evaluations']} | {t['evaluations']} |")
+             "| seed | scratch best (relaxed) | transfer best (relaxed) | scratch evals | transfer evals |",
+             "|---|---|---|---|---|"]
+    for s, t in zip(report["scratch"], report["transfer"], strict=False):
+        lines.append(f"| {s['seed']} | {s['best_relaxed']:.3f} | {t['best_relaxed']:.3f} | {s['evaluations']} | "
+                     f"{t['evaluations']} |")
     zs = report["zero_shot"]
     lines += ["", "## Zero-shot", "", f"Greedy build of the 3x3 agent on 5x5 before any 5x5 training: energy "
               f"{zs['greedy'][0]['energy']:.3f} eV, relaxed {zs['greedy'][0]['relaxed']:.3f} eV "
@@ -281,8 +290,9 @@ def _reading(report: dict) -> list[str]:
     s_hits = [r["found"]["evaluations"] for r in report["scratch"] if r["found"]]
     out = ["## Reading the numbers", ""]
     if zs["found"]:
-        out.append(f"- The 3x3 agent already builds into the 5x5 minimum's basin without any 5x5 training (greedy build "
-                   f"relaxes to {zs['relaxed']:.3f} eV). Most of the transfer speed-up is this zero-shot knowledge: "
+        out.append(f"- The 3x3 agent already builds into the 5x5 minimum's basin without any 5x5 training (greedy "
+                   f"build relaxes to {zs['relaxed']:.3f} eV). Most of the transfer speed-up is this zero-shot "
+                   "knowledge: "
                    f"the transferred runs find the minimum after {', '.join(map(str, t_hits)) or 'no'} evaluations, "
                    f"the runs from scratch after {', '.join(map(str, s_hits)) or 'no'}.")
     else:

@@ -1,34 +1,48 @@
-"""The benchmark harness (scripts/benchmark.py): every method runs, is counted within its budget, and reports."""
+"""The benchmark (asla.bench, scripts/benchmark.py): every method runs, is counted within its budget, is judged by
+the one definition of found, and reports."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 from ase.io import read
 
 from asla import load_problem
+from asla.bench import judge
+from asla.bench import methods as bm
+from asla.bench.judge import FoundCheck, first_in_basin, structure_key
+from asla.bench.problems import BenchProblem, bench_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG = 600  # s: a guard against a hung subprocess, not a speed check (a shared machine can be several times slower)
-sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def script(name: str) -> ModuleType:
+    """A script of scripts/ loaded as a module from its file (nothing added to sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"asla_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_basin_check_finds_the_reference_and_not_a_worse_structure():
-    import bench_methods as bm
     problem = load_problem("pd100-oxide-2x2")
     minimum = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
     worse = minimum.copy()
     worse.positions[-4:, 2] += 1.5  # the top Pd layer lifted off: relaxes elsewhere or back, judged by relaxing
     trace = [{"evaluations": 5, "seconds": 0.5, "energy": problem.reference_energy + 0.9, "atoms": worse},
              {"evaluations": 9, "seconds": 0.9, "energy": problem.reference_energy + 0.01, "atoms": minimum}]
-    check = bm.first_in_basin(problem, trace, window=5.0)
+    check = first_in_basin(problem, trace, window=5.0)
     assert check["found"] is not None
     assert check["found"]["evaluations"] in (5, 9)
     assert abs(check["found"]["relaxed_energy"] - problem.reference_energy) < 0.05
-    far = bm.first_in_basin(problem, trace[:1], window=0.5)  # outside the window: not relaxed, not found
+    far = first_in_basin(problem, trace[:1], window=0.5)  # outside the window: not relaxed, not found
     assert far["found"] is None and far["relaxations"] == 1  # only the final best, for best_relaxed_energy
 
 
@@ -119,18 +133,18 @@ def test_a_killed_asla_benchmark_run_resumes_from_its_checkpoint_with_the_same_t
 
 
 def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budget(tmp_path):
-    import bench_methods as bm
     problem = load_problem("pd100-oxide-2x2")
     judged = {}
     for stop in (False, True):
-        check = bm.FoundCheck(problem) if stop else None
-        outcome = bm.run_method("asla-zeroshot", "pd100-oxide-2x2", seed=1, budget=400, work_dir=tmp_path / str(stop),
+        check = FoundCheck(problem) if stop else None
+        outcome = bm.run_method("asla-zeroshot", bench_problem("pd100-oxide-2x2"), seed=1, budget=400,
+                                work_dir=tmp_path / str(stop),
                                 stop_when=check)
-        found = bm.first_in_basin(problem, outcome.ledger.trace)["found"]
+        found = first_in_basin(problem, outcome.ledger.trace)["found"]
         assert found is not None
         judged[stop] = (found["evaluations"], outcome.ledger.count, outcome.ledger.stopped)
     # The offline judgement reuses the online check's relaxations: the same verdict, the hit's relaxation not redone.
-    reusing = bm.first_in_basin(problem, outcome.ledger.trace, known=check.relaxed)
+    reusing = first_in_basin(problem, outcome.ledger.trace, known=check.relaxed)
     assert reusing["found"] == found
     # Online every improvement within the window was relaxed, and the stop made the hit the final best: none anew.
     assert reusing["reused"] == reusing["relaxations"] >= 1
@@ -140,7 +154,6 @@ def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budge
 
 
 def test_online_check_relaxes_a_descent_by_its_start_and_its_end_and_the_offline_verdict_agrees(monkeypatch):
-    import bench_methods as bm
     problem = load_problem("pd100-oxide-2x2")
     ref = problem.reference_energy
     base = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
@@ -151,31 +164,33 @@ def test_online_check_relaxes_a_descent_by_its_start_and_its_end_and_the_offline
         atoms.positions[:, 2] -= 0.1 * (k + 1)
     elsewhere = base.copy()
     elsewhere.positions[:, 0] += 1.0
-    in_basin_key = bm.structure_key(steps[-1])  # only the descent's end relaxes into the basin
+    in_basin_key = structure_key(steps[-1])  # only the descent's end relaxes into the basin
     relaxed = []
 
-    def fake_relaxed_energy(problem, atoms):  # noqa: ANN001, ANN202
-        relaxed.append(bm.structure_key(atoms))
-        return ref if relaxed[-1] == in_basin_key else ref + 1.0
+    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202
+        relaxed.append(structure_key(atoms))
+        done = atoms.copy()
+        done.info["relaxed_energy"] = ref if relaxed[-1] == in_basin_key else ref + 1.0
+        return done
 
-    monkeypatch.setattr(bm, "relaxed_energy", fake_relaxed_energy)
-    check = bm.FoundCheck(problem, window=5.0)
+    monkeypatch.setattr(judge, "relax", fake_relax)
+    check = FoundCheck(problem, window=5.0)
     sequence = [start, *steps]
     assert [check(a, ref + 1.0 - 0.1 * k) for k, a in enumerate(sequence)] == [False] * 4
-    assert relaxed == [bm.structure_key(start)]  # the start at once, the steps not yet
+    assert relaxed == [structure_key(start)]  # the start at once, the steps not yet
     assert check(elsewhere, ref + 0.5)  # the descent ended: its lowest point is in the basin, the run stops here
-    assert relaxed == [bm.structure_key(start), in_basin_key]
+    assert relaxed == [structure_key(start), in_basin_key]
     # Offline the same trace gives the first hit in that descent, the online relaxations reused.
     trace = [{"evaluations": 10 + k, "seconds": 0.1 * k, "energy": ref + 1.0 - 0.1 * k, "atoms": a}
              for k, a in enumerate(sequence)]
     trace.append({"evaluations": 20, "seconds": 2.0, "energy": ref + 0.5, "atoms": elsewhere})
-    verdict = bm.first_in_basin(problem, trace, window=5.0, known=check.relaxed)
+    verdict = first_in_basin(problem, trace, window=5.0, known=check.relaxed)
     assert verdict["found"]["evaluations"] == 13
     assert verdict["reused"] == 2
 
 
 def test_profile_of_a_run_names_where_its_time_goes_and_writes_nothing_but_its_profile(tmp_path, monkeypatch):
-    import profile_method
+    profile_method = script("profile_method")
 
     cwd, out = tmp_path / "cwd", tmp_path / "out"
     cwd.mkdir()
@@ -196,8 +211,7 @@ def test_profile_of_a_run_names_where_its_time_goes_and_writes_nothing_but_its_p
 def test_summary_counts_a_final_best_in_the_basin_that_the_window_skipped():
     """A run whose grid-built best lay outside the window is not found on the curve, but its final best, relaxed in
     every record, lands in the basin: the table's by-the-end column counts it, and only it."""
-    sys.modules.pop("benchmark", None)
-    import benchmark
+    from asla.bench import report as benchmark
     ref = -10.0
     run = {"budget": 100, "tol": 0.05, "evaluations_spent": 100, "wall_seconds": 50.0}
     runs = [{**run, "found_at_evaluations": 40, "found_at_seconds": 20.0, "best_relaxed_energy": ref},
@@ -224,7 +238,8 @@ def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_r
     path = tmp_path / "a" / "pd100-oxide-2x2" / "random-s0.json"
     first = json.loads(path.read_text())
     trace = read(path.with_name("random-s0-trace.extxyz"), index=":")
-    assert [[a.info["evaluations"], a.get_potential_energy()] for a in trace] == [[e, en] for e, _, en in first["trace"]]
+    saw = [[e, en] for e, _, en in first["trace"]]
+    assert [[a.info["evaluations"], a.get_potential_energy()] for a in trace] == saw
     assert first["window"] == -100 and first["basin_check"]["relaxations"] == 1  # only the final best
 
     again = subprocess.run(cmd(tmp_path / "a", "inf"), cwd=ROOT, capture_output=True, text=True, timeout=HANG)
@@ -245,7 +260,7 @@ def test_a_record_judged_with_another_window_is_judged_from_its_trace_as_a_new_r
 
 
 def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp_path):
-    import basin_odds
+    basin_odds = script("basin_odds")
     assert basin_odds.wilson(0, 20)[0] == 0.0 < basin_odds.wilson(0, 20)[1] < 0.2  # no hit still bounds the odds
     lo, hi = basin_odds.wilson(5, 10)
     assert lo < 0.5 < hi
@@ -263,7 +278,8 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
         assert all(r["relaxed_above_reference"] >= -result["tol"] for r in rows)
         assert all(r["relaxed_above_reference"] <= r["built_above_reference"] + 1e-6 for r in rows)
     # Different builders build differently: not the same structures under another name.
-    assert [r["built_above_reference"] for r in results[0]["rows"]] != [r["built_above_reference"] for r in results[1]["rows"]]
+    built = [[r["built_above_reference"] for r in result["rows"]] for result in results]
+    assert built[0] != built[1]
     report = (tmp_path / "basin-odds.md").read_text()
     assert "| pd100-oxide-2x2 | random | 4 |" in report and "| pd100-oxide-2x2 | untrained-agent | 4 |" in report
     # Extended to more builds in the same place, it relaxes only the new ones and keeps the other measurement.
@@ -279,8 +295,7 @@ def test_basin_odds_relaxes_random_builds_and_none_lands_below_the_reference(tmp
 
 def test_report_names_the_machines_its_runs_were_made_on_and_flags_rows_that_mix_them():
     """Records restored from another machine keep its CPU: wall times across CPUs are not comparable, so say so."""
-    sys.modules.pop("benchmark", None)
-    import benchmark
+    from asla.bench import report as benchmark
     run = {"budget": 100, "tol": 0.05, "evaluations_spent": 100, "wall_seconds": 50.0, "window": 5.0,
            "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": 1.0}
     report = {"tol": 0.05, "versions": {"asla": "0"}, "commands": [],
@@ -300,11 +315,13 @@ def test_report_names_the_machines_its_runs_were_made_on_and_flags_rows_that_mix
 def test_parallel_jobs_report_a_failed_run_and_still_finish_the_others(tmp_path):
     """--jobs runs each run in its own process: a failure there comes back as its traceback, not a lost batch."""
     import argparse
-    sys.modules.pop("benchmark", None)
-    import benchmark
+
+    from asla.bench import command as benchmark
     args = argparse.Namespace(results=str(tmp_path), quick=True, budget=20, gofee_budget=None, window=None,
                               checkpoint_every=10, stop_when_found=False, command="test", jobs=2)
-    todo = [(1, "no-such-problem", "random", 0), (2, "pd100-oxide-2x2", "random", 0)]
+    missing = BenchProblem(spec="no-such-problem", slug="no-such-problem", recipe=None, transfer_from=None,
+                           zero_shot=None)
+    todo = [(1, missing, "random", 0), (2, bench_problem("pd100-oxide-2x2"), "random", 0)]
     done = {job: (rec, error) for job, rec, error in benchmark.run_jobs(args, todo, {})}
     assert set(done) == set(todo)
     rec, error = done[todo[0]]
@@ -312,3 +329,182 @@ def test_parallel_jobs_report_a_failed_run_and_still_finish_the_others(tmp_path)
     rec, error = done[todo[1]]
     assert error is None and rec["status"] == "done" and rec["jobs"] == 2
     assert 0 < rec["evaluations_spent"] <= 20 and rec["trace"]
+
+
+def _problem_outside(tmp_path: Path) -> tuple[Path, Path]:
+    """The 2x2 oxide as a user's own problem: its YAML, reference structure and recipe in a folder of their own."""
+    folder = tmp_path / "my chemistry"
+    folder.mkdir()
+    text = (ROOT / "configs/problems/pd100-oxide-2x2.yaml").read_text()
+    (folder / "oxide.yaml").write_text(text.replace("docs/reference/pd100-oxide-2x2.extxyz", "minimum.extxyz"))
+    (folder / "minimum.extxyz").write_text((ROOT / "docs/reference/pd100-oxide-2x2.extxyz").read_text())
+    recipe = (ROOT / "configs/pd100-oxide-2x2.yaml").read_text().replace("problem: pd100-oxide-2x2", "problem: x")
+    (folder / "recipe.yaml").write_text(recipe)
+    return folder / "oxide.yaml", folder / "recipe.yaml"
+
+
+def test_benchmark_runs_on_a_problem_file_outside_the_repository_and_writes_nothing_into_it(tmp_path, monkeypatch):
+    """A new chemistry as a user brings it: a YAML path, its own recipe, a shipped agent zero-shot; asla, random,
+    basin hopping and the zero-shot agent run on it, records named by a slug, nothing written into the repo."""
+    pytest.importorskip("agox")
+    from asla.bench.command import main
+    problem, recipe = _problem_outside(tmp_path)
+    before = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    monkeypatch.chdir(tmp_path)
+    out, results = tmp_path / "report", tmp_path / "runs"
+    assert main(["--problems", str(problem), "--recipe", str(recipe), "--zero-shot", "pd100-oxide-3x3",
+                 "--methods", "asla", "random", "bh", "asla-zeroshot", "--seeds", "1", "--budget", "40",
+                 "--out", str(out), "--results", str(results)]) == 0
+    slug = bench_problem(str(problem)).slug
+    assert slug.startswith("oxide-") and " " not in slug and "/" not in slug
+    for method in ("asla", "random", "bh", "asla-zeroshot"):
+        rec = json.loads((results / slug / f"{method}-s0.json").read_text())
+        assert rec["status"] == "done" and rec["problem"] == slug and rec["problem_file"] == str(problem)
+        assert 0 < rec["evaluations_spent"] and rec["trace"] and rec["strict_judged"] is True
+        assert rec["found_at_evaluations"] is None or rec["found_at_evaluations"] <= 40
+        # strict implies the basin criterion, never earlier than its first hit
+        strict, hit = rec["strict_found_at_evaluations"], rec["found_at_evaluations"]
+        assert strict is None or (hit is not None and strict >= hit)
+        assert (rec["first_hit_is_reference"] is None) == (hit is None)
+    assert json.loads((results / slug / "asla-s0.json").read_text())["settings"]["recipe"] == str(recipe)
+    assert json.loads((results / slug / "asla-zeroshot-s0.json").read_text())["settings"]["agent"] == "pd100-oxide-3x3"
+    md = (out / "benchmarks.md").read_text()
+    assert f"## {slug}" in md and (out / f"benchmarks-{slug}.png").exists()
+    for label in ("ASLA (scratch)", "random builder (floor)", "AGOX basin hopping", "ASLA (pretrained, zero-shot)"):
+        assert any(line.startswith(f"| {label} | 40 | 1 |") for line in md.splitlines()), label
+    after = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
+                           text=True).stdout
+    assert after == before
+
+
+def test_bad_benchmark_input_is_one_line_naming_the_option(tmp_path, capsys):
+    from asla.bench.command import main
+    for argv, field in ((["--problems", "no-such-problem"], "problem: unknown problem 'no-such-problem'"),
+                        (["--problems", str(tmp_path / "none.yaml")], "does not exist"),
+                        (["--problems", "pd100-oxide-2x2", "--recipe", str(tmp_path / "r.yaml")], "--recipe: file")):
+        assert main([*argv, "--report-only", "--out", str(tmp_path / "out"), "--results",
+                     str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and field in err[0] and err[0].startswith("scripts/benchmark.py: error: ")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_script_and_the_report_judge_by_the_one_definition_of_found(monkeypatch):
+    """One relaxation, one criterion: the benchmark's records, its online check, the training-run scripts'
+    first_found and basin_odds all go through asla.bench.judge (replaced here, so each one's verdict follows it)."""
+    import asla.basin
+    from asla.bench.problems import bench_problem
+    from asla.bench.records import judgement
+    assert not hasattr(asla.basin, "first_found")  # the second definition is gone
+    for name in ("transfer", "learning_curves"):
+        assert script(name).first_found is judge.first_found
+    assert script("basin_odds").relax is judge.relax and script("basin_odds").TOL == judge.TOL
+    problem = load_problem("pd100-oxide-2x2")
+    ref = problem.reference_energy
+    minimum = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    calls = []
+
+    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202 - every verdict is "in the basin", at ref + 0.01
+        calls.append(len(atoms))
+        done = minimum.copy()
+        done.info["relaxed_energy"] = ref + 0.01
+        return done
+
+    monkeypatch.setattr(judge, "relax", fake_relax)
+    far = minimum.copy()
+    far.positions[-1, 2] += 3.0  # would never relax into the basin with EMT
+    trace = [{"evaluations": 7, "seconds": 0.1, "energy": ref + 2.0, "atoms": far}]
+    rec = judgement(bench_problem("pd100-oxide-2x2"), trace, window=5.0)
+    assert rec["found_at_evaluations"] == 7 and rec["strict_found_at_evaluations"] == 7 and calls
+    assert FoundCheck(problem)(far, ref + 2.0)
+    history = [{"energy": ref + 2.0, "evaluations": 7, "actions": []}]
+    monkeypatch.setattr("asla.builder.atoms_from_actions", lambda p, actions: far)
+    assert judge.first_found(problem, history, window=5.0)["relaxed_energy"] == ref + 0.01
+
+
+def test_strict_criterion_tells_a_distinct_arrangement_inside_the_energy_window_from_the_reference(monkeypatch):
+    """The basin criterion counts anything that relaxes within 0.05 eV; the strict one only the reference
+    structure, up to the problem's symmetry. A distinct arrangement 0.017 eV above is found by the first only."""
+    problem = load_problem("pd100-oxide-2x2")
+    ref = problem.reference_energy
+    minimum = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    n_t = len(problem.template)
+    # The reference's symmetric images are the same structure: a rotation of the whole slab by 90 degrees about the
+    # origin (a symmetry of the square Pd(100) cell), a shift by one surface repeat, and a relaxation's jitter.
+    image = minimum.copy()
+    image.positions = minimum.positions @ np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]]).T
+    image.positions[:, :2] += minimum.cell[0, :2] / 2
+    jitter = minimum.copy()
+    jitter.positions[n_t:] += np.random.default_rng(0).normal(0, 0.03, (len(minimum) - n_t, 3))
+    assert judge.same_structure(problem, image, minimum) and judge.same_structure(problem, jitter, minimum)
+    # A distinct arrangement: one O moved from its top site to a neighbouring bridge site (half a surface repeat).
+    distinct = minimum.copy()
+    o = [i for i in range(n_t, len(minimum)) if minimum[i].symbol == "O"][0]
+    distinct.positions[o, 0] += minimum.cell[0, 0] / 4
+    assert not judge.same_structure(problem, distinct, minimum)
+
+    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202 - the trace's rows relax to themselves
+        done = atoms.copy()
+        done.info["relaxed_energy"] = ref + (0.017 if atoms is distinct else 0.0)
+        return done
+
+    monkeypatch.setattr(judge, "relax", fake_relax)
+    trace = [{"evaluations": 5, "seconds": 0.5, "energy": ref + 0.5, "atoms": distinct},
+             {"evaluations": 30, "seconds": 3.0, "energy": ref + 0.2, "atoms": image}]
+    check = first_in_basin(problem, trace, window=5.0, strict=judge.StrictCheck(problem))
+    assert check["found"]["evaluations"] == 5  # the basin criterion: within 0.05 eV, found
+    assert check["strict_judged"] and check["first_hit_is_reference"] is False  # strict: not the reference itself
+    assert check["strict_found"]["evaluations"] == 30  # the reference's own structure came later
+    only_distinct = first_in_basin(problem, trace[:1], window=5.0, strict=judge.StrictCheck(problem))
+    assert only_distinct["found"] is not None and only_distinct["strict_found"] is None
+    reference_first = first_in_basin(problem, trace[1:], window=5.0, strict=judge.StrictCheck(problem))
+    assert reference_first["first_hit_is_reference"] is True
+
+
+def test_reference_minima_on_a_problem_file_writes_where_told_and_rewrites_the_yaml_only_when_asked(tmp_path):
+    problem, _ = _problem_outside(tmp_path)
+    original = problem.read_text()
+    tiny = tmp_path / "tiny.yaml"  # Pd2O on Pd(100) with one build layer: the overlayer motif does not apply
+    tiny.write_text((ROOT / "configs/problems/tiny-pd2o.yaml").read_text())
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_minima.py"), "--problems",
+                               str(problem), str(tiny), "--minutes", "0.01", "--motif-top-k", "2", "--out",
+                               str(tmp_path / "out"), *extra], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=HANG)
+
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    oxide, small = bench_problem(str(problem)).slug, bench_problem(str(tiny)).slug
+    assert f"{oxide}: motif search: Pd in all 4 hollow sites" in done.stdout
+    refusal = next(line for line in done.stdout.splitlines() if line.startswith(f"{small}: motif search not"))
+    assert "bag" in refusal  # one line, saying why; basin hopping ran all the same
+    results = json.loads((tmp_path / "out" / "reference-minima.json").read_text())
+    assert set(results) == {oxide, small} and (tmp_path / "out" / "reference" / f"{oxide}.extxyz").exists()
+    assert problem.read_text() == original  # never rewritten unless asked
+    assert load_problem("pd100-oxide-2x2").reference_energy == 2.4374  # nor the shipped problem
+    (tmp_path / "out" / "reference-minima.json").unlink()
+    asked = run("--update-yaml")
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    updated = load_problem(str(problem))
+    assert updated.reference_energy == pytest.approx(json.loads(
+        (tmp_path / "out" / "reference-minima.json").read_text())[oxide]["energy"], abs=1e-6)
+    assert Path(updated.reference["structure"]).exists()
+
+
+def test_a_record_without_structures_takes_the_strict_verdict_only_from_a_run_with_the_same_first_hit():
+    from asla.bench.records import adopt_first_hit_verdict
+    record = {"problem": "p", "method": "random", "seed": 3, "budget": 100, "found_at_evaluations": 40,
+              "found_at_seconds": 2.0, "found_energy": 1.25}
+    again = {**record, "strict_judged": True, "strict_tol": 0.2, "first_hit_is_reference": False,
+             "command": "python scripts/benchmark.py --stop-when-found"}
+    adopted = adopt_first_hit_verdict(record, again)
+    assert adopted["strict_judged"] and adopted["first_hit_is_reference"] is False
+    assert "--stop-when-found" in adopted["strict_judged_from"] and adopted["strict_found_at_evaluations"] is None
+    reference = adopt_first_hit_verdict(record, {**again, "first_hit_is_reference": True})
+    assert reference["strict_found_at_evaluations"] == 40
+    for other in ({**again, "found_energy": 1.26}, {**again, "found_at_evaluations": 41}, {**again, "seed": 4},
+                  {**again, "strict_judged": False}, None):
+        assert adopt_first_hit_verdict(record, other) is None  # not the same hit: nothing taken
+    assert adopt_first_hit_verdict(adopted, again) is None  # a verdict already there is kept
