@@ -9,8 +9,8 @@ at an unchanged geometry is answered from the cache and costs nothing).
 A :class:`Ledger` is the account those calls are charged to. Several calculator instances may
 share one (a search that rebuilds its calculator after a failure keeps counting), it can carry a
 budget (the call that spends it raises :class:`EvaluationBudgetExhausted` once its result is
-recorded, and any later call before computing), and it keeps the trace of improvements of the lowest energy computed so far — the
-raw material of a success curve.
+recorded, and any later call before computing), and it keeps the trace of improvements of the lowest energy
+computed so far — the raw material of a success curve.
 
 In a problem YAML or dict the wrapper is an import-path calculator::
 
