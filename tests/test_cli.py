@@ -151,3 +151,19 @@ def test_found_reference_at_for_a_relaxed_reference(tmp_path):
     assert near["history"] == [dict(h, seconds=n["seconds"]) for h, n in zip(base["history"], near["history"])]
     assert _relaxed_reference_run(tmp_path, "far", best - 0.06, True)["found_reference_at"] is None
     assert _relaxed_reference_run(tmp_path, "grid", best - 0.04, False)["found_reference_at"] is None
+    from asla.agents.training import train
+
+    from .test_agent import tiny_cfg
+    stopped = train(tiny_cfg(episodes=16, stop_at_reference=True,
+                             problem_overrides={"reference": {"energy": best - 0.04, "relaxed": True}}),
+                    run_dir=tmp_path / "stop", progress=False)
+    assert stopped["episodes"] == -(-near["found_reference_at"]["episode"] // 4) * 4  # the end of that iteration
+
+
+def test_train_labels_an_energy_after_the_rewards_relaxation(tmp_path, capsys):
+    assert main(["train", "configs/tiny-pd2o.yaml", "--run-dir", str(tmp_path / "r"), "--no-progress", "--no-relax",
+                 "--set", "problem_overrides.relax.steps=3", *TINY[:2], *TINY[2:4]]) == 0
+    final = capsys.readouterr().out.splitlines()[-2]
+    assert "(after 3 LBFGS relaxation steps, " in final and "relaxed" not in final.split("steps, ")[1]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["best_energy_kind"] == "after 3 LBFGS relaxation steps" and "best_relaxed_energy" not in summary
