@@ -42,11 +42,13 @@ def pick_device(device: str | None = None) -> torch.device:
 @dataclass
 class BuildResult:
     atoms: Any  # ase.Atoms with the energy attached
-    energy: float
+    energy: float  # the reward's energy: a single point, or after the problem's relaxation steps (relax.steps)
     energy_relative: float | None
     ok: bool
     actions: list[int]
     seconds: float
+    relaxed_energy: float | None = None  # with relax_steps: relaxed as the basin criterion relaxes (asla.basin)
+    in_reference_basin: bool | None = None  # with relax_steps and a relaxed reference: within 0.05 eV of it
 
 
 class Agent:
@@ -148,8 +150,12 @@ class Agent:
         return states
 
     def build(self, problem: str | Problem, n: int = 1, greedy: bool = True, epsilon: float = 0.0,
-              seed: int = 0, evaluator: EnergyEvaluator | None = None) -> list[BuildResult]:
-        """Build n structures with this agent and evaluate them with the problem's calculator."""
+              seed: int = 0, evaluator: EnergyEvaluator | None = None, relax_steps: int = 0) -> list[BuildResult]:
+        """Build n structures with this agent and evaluate them with the problem's calculator.
+
+        With `relax_steps` each finished build is also relaxed (template fixed, at most that many optimizer steps) as
+        the basin criterion does it (`asla.basin.relax`) and, if the reference is a relaxed energy, judged against
+        its basin: a grid-built structure is never relaxed, so its single point alone says little."""
         problem = load_problem(problem)
         self.check_compatible(problem)
         evaluator = evaluator or EnergyEvaluator(problem)
@@ -163,8 +169,21 @@ class Agent:
             else:
                 energy, ok, atoms = float("nan"), False, state.atoms()
             rel = evaluator.relative(energy) if ok else None
-            results.append(BuildResult(atoms, energy, rel, ok, list(state.actions), time.perf_counter() - t0))
+            result = BuildResult(atoms, energy, rel, ok, list(state.actions), 0.0)
+            if relax_steps > 0 and ok:
+                self._judge(problem, result, relax_steps)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
         return results
+
+    @staticmethod
+    def _judge(problem: Problem, result: BuildResult, steps: int) -> None:
+        from asla.basin import in_basin, relax
+        relaxed = float(relax(problem, result.atoms, steps=steps).info["relaxed_energy"])
+        result.relaxed_energy = relaxed
+        ref = problem.reference_energy
+        if ref is not None and problem.reference.get("relaxed"):  # an on-grid reference has no basin to judge
+            result.in_reference_basin = in_basin(relaxed, ref)
 
     # -- persistence ----------------------------------------------------------------------
     def make_card(self, **extra: Any) -> dict:

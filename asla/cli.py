@@ -188,7 +188,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from asla.agents.agent import Agent
 
-    from .basin import in_basin, relax
     from .problem import load_problem
     from .storage import write_structures
     _explain_run_without_agent(args.agent)
@@ -203,7 +202,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     ref = problem.reference_energy
     judged = ref is not None and bool(problem.reference.get("relaxed"))  # relaxed energies meet relaxed references
     t0 = time.perf_counter()
-    results = agent.build(problem, n=args.episodes, greedy=greedy, epsilon=args.epsilon or 0.0, seed=args.seed)
+    results = agent.build(problem, n=args.episodes, greedy=greedy, epsilon=args.epsilon or 0.0, seed=args.seed,
+                          relax_steps=args.relax or 0)
     reward_relaxes = problem.relax.steps > 0
     first = (f"after {problem.relax.steps} {problem.relax.optimizer} steps (the reward's relaxation)"
              if reward_relaxes else "single point, as built on the grid")
@@ -229,11 +229,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         r.atoms.info.update({"build": n, "ok": r.ok,
                              "energy_kind": "reward relaxation" if reward_relaxes else "single point"})
         if args.relax is not None:
-            t1 = time.perf_counter()
-            relaxed = (float(relax(problem, r.atoms, steps=args.relax).info["relaxed_energy"]) if r.ok
-                       else float("nan"))
-            r.seconds += time.perf_counter() - t1
-            found = in_basin(relaxed, ref) if judged else None
+            relaxed = float("nan") if r.relaxed_energy is None else r.relaxed_energy
+            found = r.in_reference_basin
             r.atoms.info.update({"relaxed_energy": relaxed} | ({} if found is None else {"in_reference_basin": found}))
             row += (f" {relaxed:>14.4f}" if math.isfinite(relaxed) else f" {'failed':>14s}")
             row += f" {'-' if not judged or not math.isfinite(relaxed) else f'{relaxed - ref:+.4f}':>13s}"

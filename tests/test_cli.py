@@ -97,6 +97,10 @@ def test_build_relaxes_and_labels_single_point_and_relaxed_energies(capsys):
     assert relaxed == pytest.approx(5.8471, abs=1e-3) and cells[4] == "+0.0050" and cells[5] == "yes"
     assert main(["build", "pd100-oxide-3x3"]) == 0  # without --relax: the single point only, labelled
     assert "relaxed (eV)" not in capsys.readouterr().out
+    from asla.agents.agent import Agent
+    result = Agent.load("pd100-oxide-3x3").build("pd100-oxide-3x3", relax_steps=1000)[0]  # the same in Python
+    assert result.relaxed_energy == pytest.approx(relaxed, abs=1e-4) and result.in_reference_basin is True
+    assert Agent.load("pd100-oxide-3x3").build("pd100-oxide-3x3")[0].relaxed_energy is None
 
 
 def test_build_on_a_run_without_an_agent_yet_says_so(tmp_path, capsys):
