@@ -1,11 +1,15 @@
 """The ASLA agent: a Q-network plus what it was trained on; builds structures, saves and loads.
 
-``Agent.save(path)`` writes ``path.safetensors`` (weights) and ``path.json`` (the model card:
-species, grid spacing, layers, network, training problem, episodes, best energy, version).
-``Agent.load(path)`` accepts such a pair or the short name of a shipped pretrained agent.
+``Agent.save(path)`` writes ``path.safetensors`` (weights, with format, version and architecture in the file's
+metadata) and ``path.json`` (the model card: species, grid, network and its forward pass, action order,
+observation channels, training problem, episodes, best energy, version; docs/model-card.md). The card describes the
+network completely enough that another tool rebuilds it from the two files alone.
+``Agent.load(path)`` accepts such a pair or the short name of a shipped pretrained agent; cards from before the
+architecture fields (card_version 1) load as well.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +29,8 @@ from .checkpoint import load_tensors, save_tensors
 from .qnetwork import NetworkConfig, QNetwork
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+CARD_VERSION = 2  # 2: architecture, action order, observation channels and grid on the card and in the weights file
+ARCHITECTURE = "asla-qnetwork-v1"  # the forward pass `network_description` spells out
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -36,11 +42,13 @@ def pick_device(device: str | None = None) -> torch.device:
 @dataclass
 class BuildResult:
     atoms: Any  # ase.Atoms with the energy attached
-    energy: float
+    energy: float  # the reward's energy: a single point, or after the problem's relaxation steps (relax.steps)
     energy_relative: float | None
     ok: bool
     actions: list[int]
     seconds: float
+    relaxed_energy: float | None = None  # with relax_steps: relaxed as the basin criterion relaxes (asla.basin)
+    in_reference_basin: bool | None = None  # with relax_steps and a relaxed reference: within 0.05 eV of it
 
 
 class Agent:
@@ -142,8 +150,12 @@ class Agent:
         return states
 
     def build(self, problem: str | Problem, n: int = 1, greedy: bool = True, epsilon: float = 0.0,
-              seed: int = 0, evaluator: EnergyEvaluator | None = None) -> list[BuildResult]:
-        """Build n structures with this agent and evaluate them with the problem's calculator."""
+              seed: int = 0, evaluator: EnergyEvaluator | None = None, relax_steps: int = 0) -> list[BuildResult]:
+        """Build n structures with this agent and evaluate them with the problem's calculator.
+
+        With `relax_steps` each finished build is also relaxed (template fixed, at most that many optimizer steps) as
+        the basin criterion does it (`asla.basin.relax`) and, if the reference is a relaxed energy, judged against
+        its basin: a grid-built structure is never relaxed, so its single point alone says little."""
         problem = load_problem(problem)
         self.check_compatible(problem)
         evaluator = evaluator or EnergyEvaluator(problem)
@@ -157,8 +169,21 @@ class Agent:
             else:
                 energy, ok, atoms = float("nan"), False, state.atoms()
             rel = evaluator.relative(energy) if ok else None
-            results.append(BuildResult(atoms, energy, rel, ok, list(state.actions), time.perf_counter() - t0))
+            result = BuildResult(atoms, energy, rel, ok, list(state.actions), 0.0)
+            if relax_steps > 0 and ok:
+                self._judge(problem, result, relax_steps)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
         return results
+
+    @staticmethod
+    def _judge(problem: Problem, result: BuildResult, steps: int) -> None:
+        from asla.basin import in_basin, relax
+        relaxed = float(relax(problem, result.atoms, steps=steps).info["relaxed_energy"])
+        result.relaxed_energy = relaxed
+        ref = problem.reference_energy
+        if ref is not None and problem.reference.get("relaxed"):  # an on-grid reference has no basin to judge
+            result.in_reference_basin = in_basin(relaxed, ref)
 
     # -- persistence ----------------------------------------------------------------------
     def make_card(self, **extra: Any) -> dict:
@@ -167,12 +192,30 @@ class Agent:
                 "network": self.network_config.to_dict(),
                 "n_parameters": sum(p.numel() for p in self.net.parameters()),
                 "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        card = {**self.card, **card, **extra}
+        card = {**self.card, **card, **self.layout_fields(), **extra}
         return card
+
+    def layout_fields(self) -> dict:
+        """The card fields (card_version 2) that let another tool rebuild the network and feed it: the forward
+        pass, the action order, the observation channels in order, and the grid."""
+        return {"card_version": CARD_VERSION, "architecture": network_description(self.network_config),
+                "action_order": action_order(self.species, self.n_layers),
+                "observation_channels": observation_channels(self.species, self.n_layers, self.in_channels),
+                "grid": {"spacing": list(self.grid_spacing), "n_layers": self.n_layers,
+                         "points": "point = i * nb + j; i along the cell vector a, j along b; any na x nb (the "
+                                   "network is fully convolutional)",
+                         "smear": float(self.card.get("smear", 0.0))}}
+
+    def weights_metadata(self) -> dict[str, str]:
+        """The safetensors file's own metadata (strings only, as the format requires): what the weights are."""
+        return {"format": "asla-agent", "asla_version": asla.__version__, "card_version": str(CARD_VERSION),
+                "architecture": ARCHITECTURE, "species": json.dumps(self.species), "n_layers": str(self.n_layers),
+                "in_channels": str(self.in_channels), "network": json.dumps(self.network_config.to_dict()),
+                "action_order": "species, layer, point"}
 
     def save(self, path: str | Path, **card_extra: Any) -> None:
         self.card = self.make_card(**card_extra)
-        save_tensors(path, self.net.state_dict(), self.card)
+        save_tensors(path, self.net.state_dict(), self.card, self.weights_metadata())
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Agent:
@@ -187,6 +230,44 @@ class Agent:
             raise CheckpointError(f"{path}: card and weights do not describe an asla agent "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
         return agent
+
+
+def network_description(cfg: NetworkConfig) -> dict:
+    """The Q-network's forward pass in words and numbers (`asla.agents.qnetwork.QNetwork`), by weight name."""
+    k, d, pad = cfg.kernel, cfg.dilation, "circular" if cfg.periodic else "zeros"
+    return {
+        "name": ARCHITECTURE,
+        "activation": "silu",  # x * sigmoid(x)
+        "input": "float32 (batch, in_channels, na, nb) observation image",
+        "stem": {"weights": ["stem.weight", "stem.bias"], "op": "conv2d", "kernel": k, "dilation": 1,
+                 "padding": k // 2, "padding_mode": pad, "then": "silu"},
+        "blocks": {"count": cfg.depth, "weights": ["blocks.{n}.conv.weight", "blocks.{n}.conv.bias"]
+                   + (["blocks.{n}.glob.weight", "blocks.{n}.glob.bias"] if cfg.global_branch else []),
+                   "op": "h = conv2d(x, kernel, dilation, padding=dilation * (kernel // 2), padding_mode)"
+                         + (" + linear(mean of x over (na, nb)) broadcast over the pixels" if cfg.global_branch
+                            else "") + "; x = x + silu(h)",
+                   "kernel": k, "dilation": d, "padding": d * (k // 2), "padding_mode": pad,
+                   "global_branch": cfg.global_branch},
+        "head": {"weights": ["head.weight", "head.bias"], "op": "conv2d", "kernel": 1,
+                 "out_channels": "len(species) * n_layers, channel = species * n_layers + layer"},
+        "output": "head output (batch, len(species) * n_layers, na, nb) flattened to (batch, n_actions): the "
+                  "Q-value of each action in action_order",
+    }
+
+
+def action_order(species: list[str], n_layers: int) -> dict:
+    return {"layout": ["species", "layer", "point"],
+            "index": "action = (species * n_layers + layer) * (na * nb) + point",
+            "species": list(species), "n_layers": int(n_layers)}
+
+
+def observation_channels(species: list[str], n_layers: int, in_channels: int) -> list[str]:
+    """Names of the observation's channels in order (`asla.builder.encode_observation`)."""
+    n_template = in_channels - len(species) * (n_layers + 1)
+    placed = [f"{s} placed on build layer {layer} (1 at its grid point)" for s in species for layer in range(n_layers)]
+    template = [f"template plane {t} from the top (1 at the grid point nearest each atom)" for t in range(n_template)]
+    bag = [f"{s} still in the bag, as a fraction of the bag (constant plane)" for s in species]
+    return placed + template + bag
 
 
 def list_pretrained() -> list[str]:

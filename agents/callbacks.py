@@ -153,8 +153,9 @@ class MaxEvaluations(BaseCallback):
 
 
 class StopAtReference(BaseCallback):
-    """Stop at the end of the iteration in which a build reaches the problem's on-grid reference energy (the
-    recipe's ``stop_at_reference``; the trainer records when in ``state.found_reference_at``)."""
+    """Stop at the end of the iteration in which a build reaches the problem's reference energy (exactly when it is
+    on the grid, within 0.05 eV when it is relaxed; the recipe's ``stop_at_reference``; the trainer records when in
+    ``state.found_reference_at``)."""
 
     def on_iteration_end(self) -> bool:
         assert self.trainer is not None

@@ -23,10 +23,13 @@ def base_path(path: str | Path) -> Path:
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
+                 file_metadata: dict[str, str] | None = None) -> None:
+    """`tensors` into path.safetensors (with `file_metadata`, strings, in the file's own header), `metadata` into
+    path.json."""
     from safetensors.torch import save
     base = base_path(path)
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=file_metadata)
     atomic_write_bytes(base.with_suffix(".safetensors"), data)
     write_json(base.with_suffix(".json"), metadata)
 

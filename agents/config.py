@@ -189,8 +189,8 @@ class Recipe:
                                   "e.g. postgresql://...", "str", nullable=True, check=_writable_db)
     seed_from_db: str | None = option(None, "ase.db whose structures enter the replay buffer as demonstrations",
                                       "str", nullable=True, check=_existing_db)
-    stop_at_reference: bool = option(False, "stop once a build reaches the problem's reference energy (on-grid)",
-                                     "bool")
+    stop_at_reference: bool = option(False, "stop once a build's reward energy reaches the problem's reference "
+                                     "(on-grid: exactly; relaxed: within 0.05 eV)", "bool")
     max_evaluations: int | None = option(None, "stop when this many calculator evaluations are spent (benchmarks "
                                          "set a budget)", "int", nullable=True, minimum=1)
     executor: str = option("serial", "where structures are evaluated: serial, process (local pool) or ray (local "

@@ -31,7 +31,15 @@ from asla.executor import make_executor
 from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
 from asla.reward import EnergyEvaluator, Evaluation, RewardScale, rewards
-from asla.storage import append_db, atomic_write_text, open_db, write_json, write_structures
+from asla.storage import (
+    EPISODE_NUMBERING,
+    append_db,
+    atomic_write_text,
+    episode_base,
+    open_db,
+    write_json,
+    write_structures,
+)
 
 from . import augmentation
 from .agent import Agent
@@ -56,6 +64,7 @@ if TYPE_CHECKING:
 
 TRAINER_FORMAT = "asla-trainer"  # the checkpoint's trainer.json card
 REFERENCE_TOLERANCE = 1e-6  # eV: a build this close to the on-grid reference energy has found it
+BASIN_TOLERANCE = 0.05  # eV: a reward energy this close to a relaxed reference has found it (asla.basin's tolerance)
 
 
 def epsilon_at(schedule: dict, episode: int) -> float:
@@ -108,15 +117,16 @@ class Batch:
 
 
 def train(config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
-          init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None,
+          init_from: str | Path | None = None, progress: bool | float = True, overrides: list[str] | None = None,
           on_checkpoint: Callable[[Path], None] | None = None,
           callbacks: BaseCallback | Sequence[BaseCallback] | None = None, problem: Problem | None = None) -> dict:
     """Train an agent; returns the run summary. Resumes from run_dir's last checkpoint if asked.
 
     `callbacks` (`asla.agents.callbacks`) see each iteration and may stop the run or add files to its checkpoints;
     the recipe's stop rules (``max_evaluations``, ``stop_at_reference``) come first. `on_checkpoint(directory)` is
-    `CheckpointHook(on_checkpoint)`, kept for callers from before callbacks. `problem`: the recipe's problem already
-    loaded (it must be what ``config["problem"]`` names), to skip loading it again.
+    `CheckpointHook(on_checkpoint)`, kept for callers from before callbacks. `progress`: True a progress bar, False
+    nothing, a number of seconds a one-line status that often (0: every iteration), for logs. `problem`: the
+    recipe's problem already loaded (it must be what ``config["problem"]`` names), to skip loading it again.
     """
     extra = [callbacks] if isinstance(callbacks, BaseCallback) else list(callbacks or [])
     if on_checkpoint is not None:
@@ -136,7 +146,8 @@ class Trainer:
     """
 
     def __init__(self, config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
-                 init_from: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None,
+                 init_from: str | Path | None = None, progress: bool | float = True,
+                 overrides: list[str] | None = None,
                  callbacks: Sequence[BaseCallback] = (), problem: Problem | None = None) -> None:
         self.cfg, self.run_dir = prepare_run(config, run_dir, resume, init_from, overrides)
         self.problem = problem if problem is not None else load_problem(self.cfg["problem"],
@@ -181,6 +192,7 @@ class Trainer:
         self.executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
         self.state = TrainState()
         self.database = cfg["database"] or str(self.run_dir / "evaluations.db")
+        self.episode_base = episode_base(self.database)  # labels only: 1, or 0 in a database from before
 
     def seed_replay(self) -> None:
         """A fresh run starts from the recipe's demonstrations (seed_from_db), if any."""
@@ -197,12 +209,17 @@ class Trainer:
         if not resume:
             self.writer.add_text("hyperparameters", _hparam_table(self.cfg))
             self.writer.add_text("problem", f"`{self.problem.name}`: {self.problem.description}")
-        self.pbar = _progress(self.cfg["episodes"], self.state.episodes, progress)
+            _log_hparams(self.writer, self.cfg, self.problem)
+        self.pbar = _progress(self.cfg["episodes"], self.state.episodes, progress is True)
         every = self.cfg["checkpoint_every"]
         self.next_checkpoint = (self.state.episodes // every + 1) * every
         self.next_images = self.state.episodes
         self.ref = self.problem.reference_energy
         self.on_grid_reference = self.ref is not None and not self.problem.reference.get("relaxed", False)
+        # a relaxed reference is found by a reward energy in its basin's tolerance (asla.basin.in_basin's criterion
+        # applied to the energy the reward saw), an on-grid one by the exact energy
+        self.reference_tolerance = REFERENCE_TOLERANCE if self.on_grid_reference else BASIN_TOLERANCE
+        self.status = _StatusLine(progress, self.cfg["episodes"])
         self.recent_energies: list[float] = []
         self.t_start = time.perf_counter() - self.state.seconds
 
@@ -265,7 +282,7 @@ class Trainer:
                     spent += ev.n_calls  # evaluations up to and including this build, as it happened
                     energy = ev.energy if ev.ok else float("nan")
                     if ev.atoms is not None and not ev.cached:
-                        ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
+                        ev.atoms.info.update({"episode": episode + self.episode_base, "builder": builder, "ok": ev.ok,
                                               "seconds": ev.seconds, "n_calls": ev.n_calls})
                         evaluated.append(ev.atoms)
                 else:
@@ -277,7 +294,8 @@ class Trainer:
                     self._record_energy(energy, list(build.actions), spent)
             self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
             if evaluated and self.cfg["record_evaluations"]:
-                append_db(self.database, evaluated, run=self.run_dir.name)
+                append_db(self.database, evaluated, n_template=len(self.problem.template),
+                          calculator=self.problem.calculator["name"], run=self.run_dir.name)
 
     def _record_energy(self, energy: float, actions: list[int], spent: int) -> None:
         s = self.state
@@ -289,7 +307,7 @@ class Trainer:
             s.history.append({"episode": s.episodes, "evaluations": spent, "energy": energy, "actions": list(actions),
                               "seconds": time.perf_counter() - self.t_start})
             _write_best(self.run_dir, self.problem, self.replay)
-        if self.on_grid_reference and s.found_reference_at is None and energy <= self.ref + REFERENCE_TOLERANCE:
+        if self.ref is not None and s.found_reference_at is None and energy <= self.ref + self.reference_tolerance:
             s.found_reference_at = {"episode": s.episodes, "evaluations": spent}
 
     def learn(self, n: int) -> tuple[list[float], list[float]]:
@@ -338,6 +356,7 @@ class Trainer:
             self.pbar.update(n)
             self.pbar.set_postfix(best=f"{s.best_energy:.3f}", eps=f"{batch.epsilon:.2f}",
                                   evals=self.evaluator.n_calls)
+            self.status.update(s, self.evaluator.n_calls, batch.epsilon, self.ref)
         s.seconds = time.perf_counter() - self.t_start
 
     def log_images(self, step: int) -> None:
@@ -425,7 +444,7 @@ class Trainer:
         self.agent.net.load_state_dict(saved.net.state_dict())
         self.agent.card.update(saved.card)
         self.load_state_dict(*load_tensors(target / "trainer", expect_format=TRAINER_FORMAT))
-        _drop_db_rows_after(self.database, self.state.episodes, self.run_dir.name)
+        _drop_db_rows_after(self.database, self.state.episodes, self.run_dir.name, self.episode_base)
 
 
 def prepare_run(config: dict | str | None, run_dir: str | Path | None, resume: bool, init_from: str | Path | None,
@@ -525,15 +544,17 @@ def _learn_step(agent: Agent, optimizer: torch.optim.Optimizer, problem, replay:
 # ---- run directory: images, bests, checkpoints, summary ------------------------------------
 
 def _write_best(run_dir: Path, problem, replay: ReplayBuffer) -> None:
+    from ase.calculators.singlepoint import SinglePointCalculator
+
     from asla.builder import atoms_from_actions
     frames = []
     for ep in replay.best:
         a = atoms_from_actions(problem, ep.actions)
-        from ase.calculators.singlepoint import SinglePointCalculator
         a.calc = SinglePointCalculator(a, energy=ep.energy)
-        a.info["episode"] = ep.episode
+        a.info["episode"] = ep.episode + 1  # the replay counts from 0; files count episodes from 1
         frames.append(a)
-    write_structures(run_dir / "best.extxyz", frames)
+    write_structures(run_dir / "best.extxyz", frames, n_template=len(problem.template),
+                     calculator=problem.calculator["name"])
 
 
 def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list[float], step: int) -> None:
@@ -562,12 +583,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return pointer.parent / pointer.read_text().strip()
 
 
-def _drop_db_rows_after(database: str, episodes: int, run: str) -> None:
-    """Rows written after the checkpoint will be evaluated again on resume: drop them, no duplicates."""
+def _drop_db_rows_after(database: str, episodes: int, run: str, base: int = 1) -> None:
+    """Rows written after the checkpoint will be evaluated again on resume: drop them, no duplicates (`base`: the
+    database's first episode number, `asla.storage.episode_base`)."""
     if "://" not in database and not Path(database).exists():
         return
     with open_db(database) as db:
-        ids = [row.id for row in db.select(f"episode>={episodes}", run=run)]
+        ids = [row.id for row in db.select(f"episode>={episodes + base}", run=run)]
         if ids:
             db.delete(ids)
 
@@ -612,7 +634,60 @@ def _summary(cfg: dict, problem, state: TrainState, evaluator: EnergyEvaluator) 
             "best_actions": state.best_actions, "history": state.history, "dead_ends": state.dead_ends,
             "failures": len(evaluator.failures), "failure_summary": _failure_summary(evaluator),
             "seconds": state.seconds, "episodes_per_second": state.episodes / max(state.seconds, 1e-9),
-            "timing_seconds": state.timing}
+            "timing_seconds": state.timing, "best_energy_kind": energy_kind(problem),
+            "episode_numbering": EPISODE_NUMBERING}
+
+
+def energy_kind(problem) -> str:  # noqa: ANN001 - a Problem
+    """What the reward's energy is: a single point on the grid, or after the problem's few relaxation steps."""
+    r = problem.relax
+    return f"after {r.steps} {r.optimizer} relaxation steps" if r.steps > 0 else "single point"
+
+
+def _log_hparams(writer, cfg: dict, problem) -> None:  # noqa: ANN001 - a SummaryWriter and a Problem
+    """The recipe's scalar hyperparameters into TensorBoard's HParams tab, with the run's charts as its metrics.
+
+    Written into the run's own event file (SummaryWriter.add_hparams would open a second run beside it); the
+    metrics are the tags charts/best_energy, charts/best_energy_relative and charts/energy_evaluations, so the tab
+    shows their latest values, the final ones once the run ends."""
+    from torch.utils.tensorboard.summary import hparams
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "problem":
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (bool, int, float, str)):
+                flat[f"{prefix}{k}"] = v
+    walk({k: v for k, v in cfg.items() if not k.startswith("_")})
+    flat["problem"] = problem.name
+    metrics = {"charts/best_energy": math.nan, "charts/energy_evaluations": math.nan}
+    if problem.reference_energy is not None:
+        metrics["charts/best_energy_relative"] = math.nan
+    file_writer = writer._get_file_writer()
+    for summary in hparams(flat, metrics):
+        file_writer.add_summary(summary)
+
+
+class _StatusLine:
+    """With ``progress`` a number of seconds: a one-line status that often on stdout (for a log, where a progress
+    bar shows nothing until the run ends)."""
+
+    def __init__(self, progress: bool | float, total: int) -> None:
+        numeric = isinstance(progress, (int, float)) and not isinstance(progress, bool)
+        self.every = float(progress) if numeric else None
+        self.total = total
+        self.last = time.perf_counter()
+
+    def update(self, state: TrainState, evaluations: int, epsilon: float, ref: float | None) -> None:
+        now = time.perf_counter()
+        if self.every is None or (now - self.last < self.every and state.episodes < self.total):
+            return
+        self.last = now
+        best = state.best_energy
+        rel = "" if ref is None or not math.isfinite(best) else f" ({best - ref:+.4f} vs reference)"
+        print(f"episode {state.episodes}/{self.total}: best {best:.4f} eV{rel}, {evaluations} evaluations, "
+              f"epsilon {epsilon:.2f}, {state.seconds:.0f} s", flush=True)
 
 
 def _failure_summary(evaluator: EnergyEvaluator) -> dict:

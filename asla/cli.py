@@ -11,6 +11,9 @@ import numpy as np
 
 from .errors import AslaError
 
+PROBLEM_HELP = "shipped problem name (see 'asla problems') or a problem YAML file"
+RELAX_STEPS = 1000  # optimizer steps of a full relaxation, as the basin criterion (asla.basin.relax) takes
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -25,14 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_problems)
 
     p = sub.add_parser("check", help="load and validate a problem, print its grid and symmetry")
-    p.add_argument("problem")
+    p.add_argument("problem", help=PROBLEM_HELP)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("random", help="random legal builds of a problem, evaluated and written out")
-    p.add_argument("problem")
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="random.extxyz", help=".extxyz or .db")
+    p.add_argument("problem", help=PROBLEM_HELP)
+    p.add_argument("--episodes", type=int, default=100, help="number of random builds (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random builds (default 0)")
+    p.add_argument("--out", default="random.extxyz", help="where the structures go: .extxyz or .db "
+                   "(default random.extxyz)")
     p.set_defaults(func=cmd_random)
 
     p = sub.add_parser("train", help="train an agent on a recipe (configs/<problem>.yaml)")
@@ -42,24 +46,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="where logs, checkpoints and structures go (default runs/<recipe>-s<seed>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from an agent trained elsewhere (transfer)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; print a one-line status every --status-every seconds instead (for logs)")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="with --no-progress: seconds between status lines (default 30; 0: one per iteration)")
+    p.add_argument("--no-relax", action="store_true",
+                   help="do not relax the best structure at the end (by default it is relaxed with the problem's "
+                        "calculator, template fixed, and judged against the reference basin)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("build", help="build structures with a trained or pretrained agent")
     p.add_argument("agent", help="agent path (x.safetensors/x.json), run directory, or pretrained name")
     p.add_argument("--problem", help="problem to build (default: the one the agent was trained on)")
-    p.add_argument("--episodes", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=1, help="number of builds (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="always take the best action (default)")
     g.add_argument("--epsilon", type=float, help="random legal action with this probability")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random actions with --epsilon (default 0)")
+    p.add_argument("--relax", nargs="?", type=int, const=RELAX_STEPS, default=None, metavar="STEPS",
+                   help="also relax each build with the problem's calculator (template fixed; at most STEPS "
+                        f"optimizer steps, default {RELAX_STEPS}) and judge it against the reference basin")
     p.add_argument("--out", help="write the built structures (.extxyz or .db)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("db", help="list or export the evaluations of a run (run_dir/evaluations.db)")
-    p.add_argument("run_dir")
-    p.add_argument("--export", help="write all evaluated structures to this .extxyz")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("run_dir", help="a run directory, or an evaluations database (.db) itself")
+    p.add_argument("--export", metavar="FILE", help="write all evaluated structures to this .extxyz")
+    p.add_argument("--limit", type=int, default=10, help="rows to list, lowest energy first (default 10)")
     p.set_defaults(func=cmd_db)
 
     args = parser.parse_args(argv)
@@ -90,12 +103,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .problem import load_problem
     p = load_problem(args.problem)
     check_fits(p)  # random legal builds: the check load_problem leaves out
+    ref = p.reference_energy
+    kind = "" if ref is None else (" (relaxed)" if p.reference.get("relaxed") else " (on the grid)")
     print(f"problem {p.name}: {p.description}")
     print(f"  template {len(p.template)} atoms, bag {p.bag}, sequence {p.sequence or 'agent chooses'}")
-    print(f"  grid {p.grid.shape} at {p.grid.spacing[0]:.3f} x {p.grid.spacing[1]:.3f} A, layers z={p.grid.layer_z}")
+    print(f"  grid {p.grid.shape} at {p.grid.spacing[0]:.3f} x {p.grid.spacing[1]:.3f} A, layers z="
+          f"{[round(z, 3) for z in p.grid.layer_z]} A")
     print(f"  observation {observation_shape(p)}, actions {n_actions(p)}, symmetry operations {p.symmetry.size}")
-    print(f"  calculator {p.calculator}, reference {p.reference.get('energy')}")
+    print(f"  calculator {_rounded(p.calculator)}, reference {'-' if ref is None else f'{ref:.4f} eV'}{kind}")
     return 0
+
+
+def _rounded(x: object, digits: int = 6) -> object:
+    """Floats in nested dicts and lists rounded for printing (13.078699999999998 -> 13.0787)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return x
 
 
 def cmd_random(args: argparse.Namespace) -> int:
@@ -115,10 +142,10 @@ def cmd_random(args: argparse.Namespace) -> int:
             dead += 1
             continue
         res = ev.evaluate(state.atoms(), key=state.canonical_key())
-        res.atoms.info.update({"episode": episode, "ok": res.ok})
+        res.atoms.info.update({"episode": episode + 1, "ok": res.ok})  # episodes count from 1, as in training
         frames.append(res.atoms)
         energies.append(res.energy)
-    write_structures(args.out, frames)
+    write_structures(args.out, frames, n_template=len(problem.template), calculator=problem.calculator["name"])
     e = np.array(energies, dtype=float)
     print(f"{len(frames)} structures written to {args.out} ({dead} builds had no legal move left)")
     if len(e):
@@ -133,16 +160,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     from asla.agents.training import train
     if not args.config and not args.resume:
         raise SystemExit("asla train: give a recipe (e.g. configs/tiny-pd2o.yaml) or --resume RUN_DIR")
-    overrides = list(args.overrides)
+    progress: bool | float = False if args.no_progress else True
+    if args.no_progress:
+        progress = max(0.0, args.status_every)  # a number: seconds between status lines
     summary = train(args.config, run_dir=args.resume or args.run_dir, resume=bool(args.resume),
-                    init_from=args.init_from, progress=not args.no_progress, overrides=overrides)
-    ref = summary["reference_energy"]
-    best = summary["best_energy"]
-    print(f"run {summary['run_dir']}: {summary['episodes']} episodes, {summary['energy_evaluations']} energy "
-          f"evaluations, best energy {best if best is None else round(best, 4)} eV"
-          + ("" if ref is None or best is None else f" ({best - ref:+.4f} eV vs reference)")
-          + f", {summary['episodes_per_second']:.1f} episodes/s")
-    print(f"TensorBoard: tensorboard --logdir {Path(summary['run_dir']).parent}")
+                    init_from=args.init_from, progress=progress, overrides=list(args.overrides))
+    ref, best = summary["reference_energy"], summary["best_energy"]
+    kind = summary.get("best_energy_kind", "single point")
+    line = (f"run {summary['run_dir']}: {summary['episodes']} episodes, {summary['energy_evaluations']} energy "
+            f"evaluations, best energy {'-' if best is None else f'{best:.4f}'} eV ({kind}"
+            + ("" if ref is None or best is None else f", {best - ref:+.4f} eV vs reference") + ")")
+    if best is not None and not args.no_relax:
+        from .basin import in_basin, relax
+        from .builder import atoms_from_actions
+        from .problem import load_problem
+        from .storage import write_json
+        problem = load_problem(str(Path(summary["run_dir"]) / "problem.yaml"))  # as the run set it up
+        relaxed = float(relax(problem, atoms_from_actions(problem, summary["best_actions"]),
+                              steps=RELAX_STEPS).info["relaxed_energy"])
+        judged = ref is not None and bool(problem.reference.get("relaxed"))  # an on-grid reference has no basin
+        found = in_basin(relaxed, ref) if judged else None
+        summary.update({"best_relaxed_energy": relaxed if math.isfinite(relaxed) else None,
+                        "best_in_reference_basin": found})
+        write_json(Path(summary["run_dir"]) / "summary.json", summary)
+        line += f"; relaxed {relaxed:.4f} eV" + ("" if not judged else f" ({relaxed - ref:+.4f} vs reference, "
+                                                 f"{'in' if found else 'not in'} the reference basin)")
+    print(line + f", {summary['episodes_per_second']:.1f} episodes/s")
+    print(f"TensorBoard: tensorboard --logdir {summary['run_dir']}")
     return 0
 
 
@@ -151,29 +195,68 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from .problem import load_problem
     from .storage import write_structures
+    _explain_run_without_agent(args.agent)
     agent = Agent.load(args.agent)
     problem_name = args.problem or agent.card.get("problem")
     if not problem_name:
         raise AslaError("--problem: the agent card names no training problem; give --problem")
     problem = load_problem(problem_name)
+    if args.relax is not None and args.relax < 1:
+        raise AslaError(f"--relax: optimizer steps must be a positive integer, got {args.relax}")
     greedy = args.epsilon is None
+    ref = problem.reference_energy
+    judged = ref is not None and bool(problem.reference.get("relaxed"))  # relaxed energies meet relaxed references
     t0 = time.perf_counter()
-    results = agent.build(problem, n=args.episodes, greedy=greedy, epsilon=args.epsilon or 0.0, seed=args.seed)
-    print(f"agent {args.agent} on {problem.name} ({'greedy' if greedy else f'epsilon {args.epsilon}'}):")
-    print(f"{'#':>4s} {'energy (eV)':>14s} {'vs reference':>13s} {'time (s)':>9s}")
+    results = agent.build(problem, n=args.episodes, greedy=greedy, epsilon=args.epsilon or 0.0, seed=args.seed,
+                          relax_steps=args.relax or 0)
+    reward_relaxes = problem.relax.steps > 0
+    first = (f"after {problem.relax.steps} {problem.relax.optimizer} steps (the reward's relaxation)"
+             if reward_relaxes else "single point, as built on the grid")
+    print(f"agent {args.agent} on {problem.name} ({'greedy' if greedy else f'epsilon {args.epsilon}'}); "
+          f"reference {'-' if ref is None else f'{ref:.4f} eV'}"
+          + ("" if ref is None else (" (relaxed)" if problem.reference.get("relaxed") else " (on the grid)")))
+    explain = f"  energy: {first}"
+    if args.relax is not None:
+        explain += (f"; relaxed: with {problem.calculator['name']}, template fixed, at most {args.relax} steps, as "
+                    "the basin criterion relaxes (asla.basin)")
+        explain += ("; basin: relaxed within 0.05 eV of the reference" if judged else
+                    "; the reference is on the grid, so relaxed energies are not compared with it")
+    print(explain)
+    label = f"{problem.relax.steps}-step (eV)" if reward_relaxes else "single pt (eV)"
+    head = f"{'#':>4s} {label:>14s} {'vs reference':>13s}"
+    if args.relax is not None:
+        head += f" {'relaxed (eV)':>14s} {'vs reference':>13s} {'basin':>6s}"
+    print(head + f" {'time (s)':>9s}")
     for n, r in enumerate(results):
         rel = "-" if r.energy_relative is None else f"{r.energy_relative:+.4f}"
         e = f"{r.energy:.4f}" if math.isfinite(r.energy) else "failed"
-        print(f"{n:>4d} {e:>14s} {rel:>13s} {r.seconds:>9.3f}")
+        row = f"{n:>4d} {e:>14s} {rel:>13s}"
+        r.atoms.info.update({"build": n, "ok": r.ok,
+                             "energy_kind": "reward relaxation" if reward_relaxes else "single point"})
+        if args.relax is not None:
+            relaxed = float("nan") if r.relaxed_energy is None else r.relaxed_energy
+            found = r.in_reference_basin
+            r.atoms.info.update({"relaxed_energy": relaxed} | ({} if found is None else {"in_reference_basin": found}))
+            row += (f" {relaxed:>14.4f}" if math.isfinite(relaxed) else f" {'failed':>14s}")
+            row += f" {'-' if not judged or not math.isfinite(relaxed) else f'{relaxed - ref:+.4f}':>13s}"
+            row += f" {'-' if found is None else ('yes' if found else 'no'):>6s}"
+        print(row + f" {r.seconds:>9.3f}")
     if args.out:
-        frames = []
-        for n, r in enumerate(results):
-            r.atoms.info.update({"build": n, "ok": r.ok})
-            frames.append(r.atoms)
-        write_structures(args.out, frames)
-        print(f"wrote {len(frames)} structures to {args.out}")
+        write_structures(args.out, [r.atoms for r in results], n_template=len(problem.template),
+                         calculator=problem.calculator["name"])
+        print(f"wrote {len(results)} structures to {args.out}")
     print(f"total {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def _explain_run_without_agent(path: str) -> None:
+    """A run directory whose first checkpoint is not written yet: say so, not 'no agent at'."""
+    run = Path(path)
+    if run.is_dir() and (run / "config.yaml").exists() and not (run / "agent.json").exists():
+        import yaml
+        every = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("checkpoint_every", "?")
+        raise AslaError(f"{path}: this run has no agent yet; it is written at the first checkpoint (every {every} "
+                        "episodes, checkpoint_every) and when the run ends")
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -183,7 +266,10 @@ def cmd_db(args: argparse.Namespace) -> int:
         raise AslaError(f"run_dir: no evaluations database at {path}")
     db = open_db(path)
     rows = list(db.select(sort="energy"))
-    print(f"{path}: {len(rows)} evaluated structures")
+    from .storage import episode_base
+    base = episode_base(path)
+    print(f"{path}: {len(rows)} evaluated structures (episodes counted from {base}"
+          + (", as written before asla counted them from 1)" if base == 0 else ")"))
     print(f"{'id':>6s} {'episode':>8s} {'energy (eV)':>14s} {'formula':>14s}")
     for row in rows[: args.limit]:
         print(f"{row.id:>6d} {row.get('episode', -1):>8d} {row.get('energy', float('nan')):>14.4f} {row.formula:>14s}")

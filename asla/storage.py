@@ -5,6 +5,7 @@ run killed at any moment leaves either the old or the new file, never half of on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -54,10 +55,27 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def write_structures(path: str | Path, structures: Iterable[Atoms]) -> None:
-    """Write structures (with energies attached) atomically as extxyz, or into an ase.db by suffix."""
+def fix_template(atoms: Atoms, n_template: int = 0, calculator: str | None = None) -> Atoms:
+    """`atoms` as a file should hold it: the template's atoms fixed (``FixAtoms``, as every relaxation in asla
+    treats them) and the attached energy labelled with the calculator's name (else ``ase db`` says "unknown")."""
+    from ase.constraints import FixAtoms
+    if n_template:
+        atoms.set_constraint(FixAtoms(indices=range(n_template)))
+    if calculator and atoms.calc is not None:
+        atoms.calc.name = str(calculator)
+    return atoms
+
+
+def write_structures(path: str | Path, structures: Iterable[Atoms], n_template: int = 0,
+                     calculator: str | None = None) -> None:
+    """Write structures (with energies attached) atomically as extxyz, or into an ase.db by suffix.
+
+    With `n_template` the first atoms of each structure carry ``FixAtoms`` and with `calculator` the energy names
+    its calculator (`fix_template`); the structures passed in are not changed."""
     path = Path(path)
     structures = list(structures)
+    if n_template or calculator:
+        structures = [fix_template(_copy(a), n_template, calculator) for a in structures]
     if path.suffix == ".db":
         append_db(path, structures)
         return
@@ -66,6 +84,17 @@ def write_structures(path: str | Path, structures: Iterable[Atoms]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write(tmp, structures, format="extxyz")
     os.replace(tmp, path)
+
+
+def _copy(atoms: Atoms) -> Atoms:
+    """A copy that keeps the attached single-point results (Atoms.copy drops the calculator)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    new = atoms.copy()
+    calc = atoms.calc
+    if calc is not None:
+        new.calc = SinglePointCalculator(new, **{k: v for k, v in getattr(calc, "results", {}).items()})
+        new.calc.name = calc.name
+    return new
 
 
 def open_db(path: str | Path):
@@ -80,9 +109,36 @@ def open_db(path: str | Path):
     return connect(name, use_lock_file=name.endswith(".json"))
 
 
-def append_db(path: str | Path, structures: Iterable[Atoms], **key_value_pairs: Any) -> None:
-    """Add structures to an ASE database (SQLite file or a URL ASE accepts)."""
+EPISODE_NUMBERING = "1-based"  # the n-th build of a run is episode n, in the database, summary.json and TensorBoard
+
+
+def append_db(path: str | Path, structures: Iterable[Atoms], n_template: int = 0, calculator: str | None = None,
+              **key_value_pairs: Any) -> None:
+    """Add structures to an ASE database (SQLite file or a URL ASE accepts); `n_template`, `calculator`: as in
+    `write_structures`. A database that this starts records the episode numbering in its metadata (``episodes:
+    1-based``); one without it was written before, with episodes counted from 0 (`episode_base`)."""
+    structures = list(structures)
+    if n_template or calculator:
+        structures = [fix_template(_copy(a), n_template, calculator) for a in structures]
     with open_db(path) as db:
+        fresh = db.count() == 0
         for atoms in structures:
             kv = {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str, bool)) and k.isidentifier()}
             db.write(atoms, key_value_pairs={**kv, **key_value_pairs})
+        if fresh:
+            with contextlib.suppress(AttributeError, NotImplementedError):  # a backend without metadata
+                db.metadata = {**db.metadata, "episodes": EPISODE_NUMBERING}
+
+
+def episode_base(path: str | Path) -> int:
+    """The number of a run's first episode in this database: 1 (``EPISODE_NUMBERING``) for one written now or not
+    yet started, 0 for one from before the numbering was recorded (its rows count episodes from 0)."""
+    if "://" not in str(path) and not Path(path).exists():
+        return 1
+    db = open_db(path)
+    try:
+        if db.count() == 0 or db.metadata.get("episodes") == EPISODE_NUMBERING:
+            return 1
+    except (AttributeError, NotImplementedError):
+        return 1
+    return 0

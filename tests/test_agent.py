@@ -12,6 +12,7 @@ from asla.agents.callbacks import StopAfterEpisodes
 from asla.agents.config import load_config
 from asla.agents.qnetwork import NetworkConfig, QNetwork
 from asla.agents.training import latest_checkpoint, train
+from torch.nn import functional as F
 
 from asla import CheckpointError, ConfigError, load_problem
 from asla.builder import (
@@ -99,6 +100,56 @@ def test_save_load_roundtrip_and_card(tmp_path):
     assert loaded.card["episodes"] == 7
 
 
+def _forward_from_card(card: dict, weights: dict, obs: np.ndarray) -> np.ndarray:
+    """The Q-network rebuilt from the card's words and the weights alone (torch.nn.functional, not QNetwork)."""
+    arch = card["architecture"]
+    act = {"silu": F.silu}[arch["activation"]]
+
+    def conv(x, name, spec):  # noqa: ANN001, ANN202
+        if spec.get("padding", 0):
+            p = spec["padding"]
+            x = F.pad(x, (p, p, p, p), mode="circular" if spec["padding_mode"] == "circular" else "constant")
+        return F.conv2d(x, weights[f"{name}.weight"], weights[f"{name}.bias"], dilation=spec.get("dilation", 1))
+    x = act(conv(torch.as_tensor(obs), "stem", arch["stem"]))
+    blocks = arch["blocks"]
+    for n in range(blocks["count"]):
+        h = conv(x, f"blocks.{n}.conv", blocks)
+        if blocks["global_branch"]:
+            h = h + F.linear(x.mean(dim=(2, 3)), weights[f"blocks.{n}.glob.weight"],
+                             weights[f"blocks.{n}.glob.bias"])[:, :, None, None]
+        x = x + act(h)
+    return F.conv2d(x, weights["head.weight"], weights["head.bias"]).flatten(1).numpy()
+
+
+@pytest.mark.parametrize("periodic,global_branch", [(True, True), (False, False)])
+def test_card_and_weights_alone_rebuild_the_q_values(tmp_path, periodic, global_branch):
+    from safetensors import safe_open
+    problem = load_problem("tiny-pd2o")
+    agent = Agent.for_problem(problem, NetworkConfig(width=8, depth=2, kernel=3, dilation=2, periodic=periodic,
+                                                     global_branch=global_branch))
+    agent.save(tmp_path / "a")
+    card = json.loads((tmp_path / "a.json").read_text())
+    with safe_open(tmp_path / "a.safetensors", framework="pt") as f:
+        meta = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    assert meta["format"] == "asla-agent" and meta["architecture"] == card["architecture"]["name"]
+    assert json.loads(meta["network"]) == card["network"] and json.loads(meta["species"]) == problem.species
+    rng = np.random.default_rng(0)
+    state = random_build(problem, rng)
+    obs = np.stack([BuildState(problem).observation(), state.observation()])
+    assert np.allclose(_forward_from_card(card, weights, obs), agent.q_values(obs), atol=1e-5)
+    # the card's layout: channel names in observation order, and the action index of (species, layer, point)
+    assert len(card["observation_channels"]) == observation_shape(problem)[0]
+    assert card["observation_channels"][0].startswith(f"{problem.species[0]} placed on build layer 0")
+    assert card["observation_channels"][-1].startswith(f"{problem.species[-1]} still in the bag")
+    sizes = {"species": len(card["action_order"]["species"]), "layer": card["action_order"]["n_layers"],
+             "point": problem.grid.n_points}
+    index = {"species": 1, "layer": 0, "point": 5}
+    layout = card["action_order"]["layout"]
+    flat = np.ravel_multi_index([index[k] for k in layout], [sizes[k] for k in layout])
+    assert flat == encode_action(problem, 1, 0, 5)
+
+
 def test_load_refuses_mismatch_and_corrupt_files(tmp_path):
     p = load_problem("tiny-pd2o")
     agent = Agent.for_problem(p, NetworkConfig(width=8, depth=2, kernel=3))
@@ -157,6 +208,14 @@ def test_run_dir_holds_tensorboard_tags_and_outputs(tmp_path):
     assert any(t.startswith("q_values/") for t in tags["images"])
     assert "charts/episode_energies" in tags["histograms"]
     assert any("hyperparameters" in t for t in tags["tensors"])
+    # the HParams tab: the recipe's scalars, with the run's charts as metrics
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = acc.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in exp.metric_infos} >= {"charts/best_energy", "charts/energy_evaluations"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["learning.lr"].number_value == pytest.approx(tiny_cfg()["learning"]["lr"])
+    assert start.hparams["problem"].string_value == "tiny-pd2o" and start.hparams["seed"].number_value == 0
     from ase.io import read
     best = read(run / "best.extxyz", index=":")
     energies = [a.get_potential_energy() for a in best]
@@ -187,7 +246,7 @@ def test_cli_train_and_build(tmp_path, capsys):
     out = tmp_path / "built.extxyz"
     assert main(["build", str(tmp_path / "r"), "--episodes", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "energy (eV)" in text and out.exists()
+    assert "single pt (eV)" in text and "vs reference" in text and out.exists()
     assert main(["build", str(tmp_path / "r"), "--problem", "graphene-c24"]) == 2
     assert "species mismatch" in capsys.readouterr().err
     assert observation_shape(load_problem("tiny-pd2o"))[0] == Agent.load(tmp_path / "r").in_channels

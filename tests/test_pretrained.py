@@ -20,6 +20,9 @@ def test_the_promised_agents_are_shipped_with_a_card():
         card = json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
         assert card["format"] == "asla-agent" and card["trained_with"].startswith("asla train")
         assert (PRETRAINED_DIR / f"{name}.safetensors").stat().st_size < 2_000_000
+        agent = Agent.load(name)  # the shipped weights load as they are; the card's layout fields were added
+        assert card["card_version"] == 2 and card["architecture"] == agent.layout_fields()["architecture"]
+        assert len(card["observation_channels"]) == card["in_channels"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
