@@ -20,7 +20,7 @@ def _wheel(tmp_path: Path) -> Path:
     for name in ("asla", "agents", "envs", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src),
                     "-w", str(out)], check=True, capture_output=True, timeout=300)
     return next(out.glob("asla-*.whl"))
 
