@@ -24,15 +24,7 @@ from asla.builder import (
     random_build,
 )
 from asla.reward import EnergyEvaluator
-
-TINY = {"network": {"width": 8, "depth": 2, "kernel": 3}, "n_builders": 4, "checkpoint_every": 20,
-        "learning": {"batch_size": 16, "warmup_episodes": 4}, "log_images_every": 20}
-
-
-def tiny_cfg(**extra):
-    cfg = load_config({"problem": "tiny-pd2o", **TINY})
-    cfg.update(extra)
-    return cfg
+from tests.recipes import TINY, tiny_cfg
 
 
 def test_same_weights_run_on_3x3_and_5x5():

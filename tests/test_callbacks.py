@@ -9,19 +9,10 @@ import math
 import numpy as np
 import pytest
 from asla.agents.callbacks import BaseCallback, CheckpointHook, MaxEvaluations, ThroughputProbe
-from asla.agents.config import load_config
 from asla.agents.training import TrainState, latest_checkpoint, train
 
 from asla.reward import RewardScale
-
-TINY = {"network": {"width": 8, "depth": 2, "kernel": 3}, "n_builders": 4, "checkpoint_every": 20,
-        "learning": {"batch_size": 16, "warmup_episodes": 4}, "log_images_every": 20}
-
-
-def tiny_cfg(**extra):
-    cfg = load_config({"problem": "tiny-pd2o", **TINY})
-    cfg.update(extra)
-    return cfg
+from tests.recipes import TINY, tiny_cfg
 
 
 def without_seconds(history):
