@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="build structures with a trained or pretrained agent")
     p.add_argument("agent", help="agent path (x.safetensors/x.json), run directory, or pretrained name")
     p.add_argument("--problem", help="problem to build (default: the one the agent was trained on)")
+    p.add_argument("--trust-card", action="store_true",
+                   help="without --problem, load the card's problem even if it is a file or names an import-path "
+                        "calculator (which runs code: only for cards you trust)")
     p.add_argument("--episodes", type=int, default=1, help="number of builds (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="always take the best action (default)")
@@ -191,16 +194,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from asla.agents.agent import Agent
+    from asla.agents.agent import Agent, load_card_problem
 
     from .problem import load_problem
     from .storage import write_structures
     _explain_run_without_agent(args.agent)
     agent = Agent.load(args.agent)
-    problem_name = args.problem or agent.card.get("problem")
-    if not problem_name:
-        raise AslaError("--problem: the agent card names no training problem; give --problem")
-    problem = load_problem(problem_name)
+    if args.problem:
+        problem = load_problem(args.problem)
+    else:  # the card is untrusted: its problem is a shipped name or plain data (asla.agents.agent.load_card_problem)
+        problem = load_card_problem(agent.card, args.agent, trust=args.trust_card)
     if args.relax is not None and args.relax < 1:
         raise AslaError(f"--relax: optimizer steps must be a positive integer, got {args.relax}")
     greedy = args.epsilon is None

@@ -1,0 +1,220 @@
+"""Reliability and security (issue 23): agent files run no code, a run directory has one trainer, a worker that
+dies on a structure is a failed evaluation, a full disk leaves the last checkpoint and no temporary files."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from asla.agents import checkpoint
+from asla.agents.agent import Agent
+from asla.agents.qnetwork import NetworkConfig
+from safetensors.torch import load_file, save_file
+
+from asla import load_problem
+from asla.cli import main
+from asla.problem import shipped_problem_dir
+
+TINY_PROBLEM = yaml.safe_load((shipped_problem_dir() / "tiny-pd2o.yaml").read_text())
+
+
+def cli(*argv: str, seconds: int = 60) -> tuple[int, str, str]:
+    """`asla ARGV` in this process: (exit status, stdout, stderr); a hang fails the test after `seconds`."""
+    out, err = io.StringIO(), io.StringIO()
+
+    def hang(signum, frame):  # noqa: ANN001
+        raise TimeoutError(f"asla {' '.join(argv)} still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(argv))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def refused(rc: int, err: str, *words: str) -> None:
+    """Exit status 2 and one line `asla: error: ...` holding each of `words`."""
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asla: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+# ---- agent files never run code ---------------------------------------------------------------------------
+
+@pytest.fixture
+def agent_files(tmp_path):
+    """A small saved agent for tiny-pd2o: (base path, card dict)."""
+    agent = Agent.for_problem(load_problem("tiny-pd2o"), NetworkConfig(width=8, depth=2, kernel=3))
+    agent.save(tmp_path / "a")
+    return tmp_path / "a", json.loads((tmp_path / "a.json").read_text())
+
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    """An importable module whose import and whose calculator each leave a marker file: the proof of code run."""
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    marker = tmp_path / "marker"
+    (mod / "evilcalc.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        Path({str(marker)!r}).write_text("imported")
+        from asla.emt import EMT
+
+        class Evil(EMT):
+            def __init__(self, **kw):
+                Path({str(marker)!r}).write_text("ran")
+                super().__init__(**kw)
+    """))
+    monkeypatch.syspath_prepend(str(mod))
+    return marker
+
+
+def _with_card(base: Path, card: dict) -> None:
+    base.with_suffix(".json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("where", ["calculator", "calculator-string", "retry_settings", "inner", "yaml-path"])
+def test_a_card_with_an_import_path_calculator_runs_nothing(agent_files, evil_module, tmp_path, where):
+    base, card = agent_files
+    problem = json.loads(json.dumps(TINY_PROBLEM))
+    if where == "calculator":
+        problem["calculator"] = {"name": "evilcalc:Evil"}
+    elif where == "calculator-string":
+        problem["calculator"] = "evilcalc.Evil"
+    elif where == "retry_settings":
+        problem["faults"] = {"retries": 1, "retry_settings": {"name": "evilcalc:Evil"}}
+    elif where == "inner":
+        problem["calculator"] = {"name": "sleep", "seconds": 0, "inner": "evilcalc:Evil"}
+    if where == "yaml-path":
+        problem["calculator"] = {"name": "evilcalc:Evil"}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(problem))
+        card["problem"] = str(tmp_path / "p.yaml")
+    else:
+        card["problem"] = problem
+    _with_card(base, card)
+    rc, _, err = cli("build", str(base))
+    refused(rc, err, "--trust-card")
+    assert not evil_module.exists(), "the card's calculator was imported or run"
+
+
+def test_trust_card_loads_the_cards_problem_as_given(agent_files, evil_module):
+    base, card = agent_files
+    card["problem"] = {**TINY_PROBLEM, "calculator": {"name": "evilcalc:Evil"}}
+    _with_card(base, card)
+    rc, out, err = cli("build", str(base), "--trust-card")
+    assert rc == 0, err
+    assert evil_module.read_text() == "ran"  # the flag is what lets a card's import path run
+
+
+def test_a_card_with_plain_data_builds_without_the_flag(agent_files):
+    base, card = agent_files
+    card["problem"] = TINY_PROBLEM  # inline data with a built-in calculator
+    _with_card(base, card)
+    rc, out, err = cli("build", str(base))
+    assert rc == 0, err
+    assert "reference 8.1101 eV (on the grid)" in out  # the card's inline problem, with its reference
+    card["problem"] = {**TINY_PROBLEM, "calculator": {"name": "gpaw", "txt": "/tmp/overwritten.txt"}}
+    _with_card(base, card)
+    refused(*cli("build", str(base))[::2], "file path", "calculator.txt")
+    card["problem"] = "no-such-problem"
+    _with_card(base, card)
+    refused(*cli("build", str(base))[::2], "not a shipped problem", "--problem")
+
+
+def test_weights_that_are_not_a_regular_file_are_refused_without_reading(agent_files):
+    base, _ = agent_files
+    weights = base.with_suffix(".safetensors")
+    weights.unlink()
+    os.mkfifo(weights)  # reading a FIFO with no writer blocks forever
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o", seconds=30)[::2], "not a regular file",
+            str(weights))
+    weights.unlink()
+    weights.symlink_to("/dev/zero")  # reads without end
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o", seconds=30)[::2], "not a regular file")
+    card = base.with_suffix(".json")
+    card.rename(base.with_suffix(".real.json"))
+    card.symlink_to("/dev/zero")
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o", seconds=30)[::2], "not a regular file", str(card))
+
+
+def test_files_above_the_size_limits_are_refused_before_reading(agent_files, monkeypatch):
+    base, card = agent_files
+    monkeypatch.setattr(checkpoint, "MAX_WEIGHTS_BYTES", 1000)
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], "above the limit of 1,000",
+            "ASLA_MAX_WEIGHTS_BYTES", "a.safetensors")
+    monkeypatch.undo()
+    card["padding"] = "x" * (checkpoint.MAX_CARD_BYTES + 1)
+    _with_card(base, card)
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], "above the limit", "ASLA_MAX_CARD_BYTES")
+    card.pop("padding")
+    text = json.dumps(card)
+    base.with_suffix(".json").write_text(text[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], "nested deeper")
+    card["deep"] = [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+    _with_card(base, card)
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], "nested deeper than 32")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("depth", 1e7, ["network.depth", "integer >= 1 and <= 64"]),
+    ("depth", 10**7, ["network.depth", "<= 64"]),
+    ("width", -1, ["network.width"]),
+    ("kernel", 4, ["network.kernel", "odd"]),
+    ("periodic", "yes", ["network.periodic"]),
+    ("extra", 1, ["network.extra", "unknown key"]),
+])
+def test_absurd_network_values_are_refused_by_the_recipe_schema(agent_files, field, value, words):
+    base, card = agent_files
+    card["network"][field] = value
+    _with_card(base, card)
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], "a.json", *words)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("species", ["Pd", "Xx"], ["species", "element symbols"]),
+    ("species", [["Pd"], "O"], ["species"]),
+    ("n_layers", 10**6, ["n_layers", "<= 64"]),
+    ("in_channels", 10**9, ["in_channels"]),
+    ("grid_spacing", [0.5, "abc"], ["grid_spacing"]),
+    ("smear", "wide", ["smear"]),
+])
+def test_other_card_fields_are_checked(agent_files, field, value, words):
+    base, card = agent_files
+    card[field] = value
+    _with_card(base, card)
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], *words)
+
+
+@pytest.mark.parametrize("kind", ["nan", "int", "shape", "missing"])
+def test_weights_must_be_finite_floats_of_the_cards_shapes(agent_files, kind):
+    base, _ = agent_files
+    weights = base.with_suffix(".safetensors")
+    tensors = load_file(str(weights))
+    name = "stem.weight"
+    if kind == "nan":
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+        words = ["non-finite"]
+    elif kind == "int":
+        tensors = {k: v.to(torch.int32) for k, v in tensors.items()}
+        words = ["int32", "floating point"]
+    elif kind == "shape":
+        tensors[name] = torch.zeros(3, 3)
+        words = [name, "shape (3, 3)"]
+    else:
+        del tensors[name]
+        words = ["lacks", name]
+    save_file(tensors, str(weights))
+    refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], str(weights), *words)
