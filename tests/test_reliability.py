@@ -7,6 +7,9 @@ import io
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from asla import load_problem
 from asla.cli import main
+from asla.lock import LOCK_NAME, RunLock, RunLockedError
 from asla.problem import shipped_problem_dir
 
 TINY_PROBLEM = yaml.safe_load((shipped_problem_dir() / "tiny-pd2o.yaml").read_text())
@@ -218,3 +222,134 @@ def test_weights_must_be_finite_floats_of_the_cards_shapes(agent_files, kind):
         words = ["lacks", name]
     save_file(tensors, str(weights))
     refused(*cli("build", str(base), "--problem", "tiny-pd2o")[::2], str(weights), *words)
+
+
+# ---- one trainer per run directory ------------------------------------------------------------------------
+
+TINY_SET = ["--set", "network.width=8", "--set", "network.depth=2", "--set", "learning.warmup_episodes=4",
+            "--set", "learning.batch_size=16"]
+TINY_RECIPE = {"problem": "tiny-pd2o", "network": {"width": 8, "depth": 2, "kernel": 3}, "n_builders": 4,
+               "learning": {"batch_size": 16, "warmup_episodes": 4}, "log_images_every": 1000}
+
+
+def recipe(**extra) -> dict:
+    """The tiny recipe, checked (a full recipe, as train() takes it)."""
+    from asla.agents.config import load_config
+    return load_config({**TINY_RECIPE, **extra})
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that takes the run directory's lock and keeps it."""
+    script = "import sys, time; from asla.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', " \
+             "flush=True); time.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_trainer_on_a_run_directory_gets_one_line(tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "configs/tiny-pd2o.yaml", "--run-dir", str(run), "--no-progress", "--no-relax",
+                     "--set", "episodes=8", "--set", "checkpoint_every=4", *TINY_SET)
+    assert rc == 0, err
+    assert not (run / LOCK_NAME).exists()  # released at the end
+    before = sorted(p.name for p in run.iterdir())
+    holder = _hold_lock(run)
+    try:
+        refused(*cli("train", "--resume", str(run), "--no-progress", "--no-relax")[::2], "in use by process",
+                str(holder.pid))
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        holder2 = _hold_lock(fresh)
+        try:
+            refused(*cli("train", "configs/tiny-pd2o.yaml", "--run-dir", str(fresh), "--no-progress",
+                         *TINY_SET)[::2], "in use by process", str(holder2.pid))
+            assert sorted(p.name for p in fresh.iterdir()) == [LOCK_NAME]  # nothing written
+        finally:
+            holder2.kill()
+            holder2.wait()
+    finally:
+        holder.kill()  # SIGKILL: the lock stays behind, stale
+        holder.wait()
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, LOCK_NAME])
+    rc, out, err = cli("train", "--resume", str(run), "--no-progress", "--no-relax", "--set", "episodes=12")
+    assert rc == 0, err  # the dead holder's lock is taken over
+    assert "12 episodes" in out and not (run / LOCK_NAME).exists()
+
+
+def test_stale_and_foreign_locks(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": None}))
+    with RunLock(tmp_path) as held:  # a dead process on this host: taken over
+        assert held.holder()["pid"] == os.getpid()
+    assert not lock.exists()
+    # the id of a live process, but not the process that wrote the lock (its start time differs): stale
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "1"}))
+    RunLock(tmp_path).acquire().release()
+    assert not lock.exists()
+    lock.write_text(json.dumps({"host": "elsewhere.example", "pid": 1, "since": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(RunLockedError, match="on host elsewhere.example .* delete"):
+        RunLock(tmp_path).acquire()
+    assert json.loads(lock.read_text())["host"] == "elsewhere.example"  # left alone
+    lock.unlink()
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(RunLockedError, match="in use by process"):  # also within one process
+        RunLock(tmp_path).acquire()
+    first.release()
+
+
+def test_the_lock_is_released_when_setting_up_or_training_fails(tmp_path):
+    from asla.agents.callbacks import BaseCallback
+    from asla.agents.training import Trainer, train
+
+    from asla import CheckpointError
+    with pytest.raises(CheckpointError):
+        Trainer(recipe(), run_dir=tmp_path / "a", init_from=tmp_path / "no-agent", progress=False)
+    assert not (tmp_path / "a" / LOCK_NAME).exists()
+
+    class Boom(BaseCallback):
+        def on_iteration_end(self) -> bool:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(recipe(), run_dir=tmp_path / "b", progress=False, callbacks=[Boom()])
+    assert not (tmp_path / "b" / LOCK_NAME).exists()
+
+
+KILL_SCRIPT = """
+import json, os, signal, sys
+from asla.agents.callbacks import BaseCallback
+from asla.agents.training import train
+
+class Kill(BaseCallback):  # SIGKILL itself before the first checkpoint, as the OOM killer would
+    def on_iteration_end(self):
+        if self.trainer.state.episodes >= 12:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+
+train(json.loads(sys.argv[1]), run_dir=sys.argv[2], progress=False, callbacks=[Kill()])
+"""
+
+
+def test_starting_afresh_after_a_kill_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
+    from ase.db import connect
+    from asla.agents.training import train
+    cfg = recipe(episodes=24, checkpoint_every=1000)
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(tmp_path / "run")],
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert (run / LOCK_NAME).exists() and not (run / "checkpoints" / "latest").exists()
+    rows_killed = connect(str(run / "evaluations.db")).count()
+    assert rows_killed > 0  # the killed attempt's evaluations
+    again = train(dict(cfg), run_dir=run, progress=False)  # the same fresh command, as the error advises
+    whole = train(dict(cfg), run_dir=tmp_path / "whole", progress=False)
+    episodes = [row.episode for row in connect(str(run / "evaluations.db")).select()]
+    assert len(episodes) == len(set(episodes)) == again["structures_evaluated"]
+    assert again["history"] == [dict(h, seconds=r["seconds"]) for h, r in zip(whole["history"], again["history"],
+                                                                               strict=True)]
+    assert again["energy_evaluations"] == whole["energy_evaluations"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the killed attempt's curves are gone too
+    assert not (run / LOCK_NAME).exists()
