@@ -21,7 +21,7 @@ from asla.agents.agent import Agent
 from asla.agents.qnetwork import NetworkConfig
 from safetensors.torch import load_file, save_file
 
-from asla import load_problem
+from asla import CalculatorError, load_problem
 from asla.cli import main
 from asla.lock import LOCK_NAME, RunLock, RunLockedError
 from asla.problem import shipped_problem_dir
@@ -353,3 +353,98 @@ def test_starting_afresh_after_a_kill_before_the_first_checkpoint_leaves_no_dupl
     assert again["energy_evaluations"] == whole["energy_evaluations"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the killed attempt's curves are gone too
     assert not (run / LOCK_NAME).exists()
+
+
+# ---- a structure that kills its worker ----------------------------------------------------------------------
+
+CRASHY = '''
+import faulthandler, os, signal, zlib
+import numpy as np
+from asla.emt import EMT
+
+def chosen(atoms, every):
+    """The structures this calculator dies on: info['crash'] names the signal, or every `every`-th by a hash."""
+    if "crash" in atoms.info:
+        return atoms.info["crash"]
+    key = zlib.crc32(np.round(atoms.positions[-3:], 3).tobytes())
+    return "SIGSEGV" if every and key % every == 0 else None
+
+class Crashy(EMT):
+    """EMT that segfaults or is SIGKILLed in the calculator on chosen structures (or raises, with mode raise)."""
+    def __init__(self, every=0, mode="signal", **kw):
+        super().__init__(**kw)
+        self.every, self.mode = every, mode
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        how = chosen(atoms if atoms is not None else self.atoms, self.every)
+        if how and self.mode == "raise":
+            raise RuntimeError("chosen structure")
+        if how:
+            faulthandler.disable()  # pytest's handler would print the worker's stack; the crash is the point
+            os.kill(os.getpid(), getattr(signal, how))
+        super().calculate(atoms, properties, system_changes or ["positions"])
+'''
+
+
+@pytest.fixture
+def crashy(tmp_path, monkeypatch):
+    mod = tmp_path / "crashmods"
+    mod.mkdir()
+    (mod / "crashy.py").write_text(CRASHY)
+    monkeypatch.syspath_prepend(str(mod))  # forked workers inherit sys.path
+    return "crashy:Crashy"
+
+
+def test_a_structure_that_kills_its_worker_is_a_failed_evaluation(tmp_path, crashy):
+    import numpy as np
+
+    from asla.builder import random_build
+    from asla.executor import ProcessExecutor
+    from asla.reward import EnergyEvaluator
+    problem = load_problem(TINY_PROBLEM | {"calculator": {"name": crashy}})
+    rng = np.random.default_rng(0)
+    atoms = [random_build(problem, rng).atoms() for _ in range(5)]
+    atoms[1].info["crash"] = "SIGSEGV"
+    atoms[3].info["crash"] = "SIGKILL"
+    evaluator = EnergyEvaluator(problem, failure_dir=tmp_path / "failures")
+    executor = ProcessExecutor(problem, workers=2)
+    try:
+        results = executor.evaluate_many(evaluator, atoms, [None] * len(atoms))
+    finally:
+        executor.close()
+    serial = EnergyEvaluator(load_problem("tiny-pd2o"))
+    for i in (0, 2, 4):  # the others are evaluated as in a serial run
+        assert results[i].ok and results[i].energy == serial.evaluate(atoms[i]).energy
+    for i, sig in ((1, "SIGSEGV"), (3, "SIGKILL")):
+        assert not results[i].ok and np.isnan(results[i].energy)
+        assert f"died ({sig})" in results[i].error and "3 times" in results[i].error
+    assert evaluator.n_calls == 5 and evaluator.n_structures == 5  # a lost structure costs one, as an error does
+    assert [Path(f["file"]).exists() for f in evaluator.failures] == [True, True]
+    assert sorted(p.name for p in (tmp_path / "failures").iterdir()) == ["failed-00000.extxyz",
+                                                                        "failed-00001.extxyz"]
+    strict = load_problem(TINY_PROBLEM | {"calculator": {"name": crashy}, "faults": {"on_error": "raise"}})
+    executor = ProcessExecutor(strict, workers=1, max_retries=0)
+    try:
+        with pytest.raises(CalculatorError, match="worker died"):  # the fault policy applies as to any failure
+            executor.evaluate_many(EnergyEvaluator(strict), atoms[1:2], [None])
+    finally:
+        executor.close()
+
+
+def test_training_goes_on_through_worker_crashes_as_through_calculator_errors(tmp_path, crashy):
+    from asla.agents.training import train
+    crashing = {"name": crashy, "every": 3}
+    cfg = recipe(problem=TINY_PROBLEM | {"calculator": crashing}, episodes=24, checkpoint_every=12,
+                 executor="process", workers=2)
+    crashed = train(cfg, run_dir=tmp_path / "crashed", progress=False)
+    raising = recipe(problem=TINY_PROBLEM | {"calculator": {**crashing, "mode": "raise"}}, episodes=24,
+                     checkpoint_every=12)
+    raised = train(raising, run_dir=tmp_path / "raised", progress=False)
+    assert crashed["episodes"] == 24 and crashed["failures"] > 0
+    assert crashed["failures"] == raised["failures"]  # the same structures failed, as a serial error would
+    assert crashed["energy_evaluations"] == raised["energy_evaluations"]
+    assert crashed["history"] == [dict(h, seconds=c["seconds"]) for h, c in zip(raised["history"],
+                                                                               crashed["history"], strict=True)]
+    (kind, count), = crashed["failure_summary"].items()
+    assert "worker died (SIGSEGV)" in kind and count == crashed["failures"]
+    assert len(list((tmp_path / "crashed" / "failures").glob("failed-*.extxyz"))) == crashed["failures"]
