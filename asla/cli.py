@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -84,9 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     except AslaError as exc:
         print(f"asla: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:  # a full disk, a folder turned read-only, a database that cannot grow
+        run = getattr(args, "resume", None) or getattr(args, "run_dir", None) or "RUN_DIR"
+        hint = (f"; published checkpoints are intact: free space (or fix permissions), then asla train --resume "
+                f"{run}" if args.command == "train" else "")
+        print(f"asla: error: {_system_error(exc)}{hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("asla: interrupted; resume with 'asla train --resume RUN_DIR'", file=sys.stderr)
         return 130
+
+
+def _system_error(exc: BaseException) -> str:
+    """One line for an error of the system rather than of the input: the file and the reason."""
+    if isinstance(exc, sqlite3.Error):
+        return f"evaluations database: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    assert isinstance(exc, OSError)
+    reason = exc.strerror or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 def cmd_problems(args: argparse.Namespace) -> int:

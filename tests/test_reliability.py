@@ -448,3 +448,88 @@ def test_training_goes_on_through_worker_crashes_as_through_calculator_errors(tm
     (kind, count), = crashed["failure_summary"].items()
     assert "worker died (SIGSEGV)" in kind and count == crashed["failures"]
     assert len(list((tmp_path / "crashed" / "failures").glob("failed-*.extxyz"))) == crashed["failures"]
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------------
+
+def _full_disk(monkeypatch, where: str) -> list[str]:
+    """os.fsync raises ENOSPC for files whose path holds `where` (the data went to the page cache, the disk
+    refuses it: how a full disk usually shows); returns the paths it refused."""
+    import errno
+    refused_paths: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if where in name:
+            refused_paths.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr("asla.storage.os.fsync", fsync)
+    return refused_paths
+
+
+def test_atomic_writes_on_a_full_disk_leave_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from asla.storage import write_json, write_structures
+    write_json(tmp_path / "summary.json", {"old": True})
+    _full_disk(monkeypatch, "summary.json")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        write_json(tmp_path / "summary.json", {"old": False})
+    assert info.value.filename == str(tmp_path / "summary.json")  # the file meant, not the temporary one
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"old": True}
+    atoms = Atoms("Pd", positions=[[0, 0, 0]], cell=[3, 3, 3])
+    atoms.calc = SinglePointCalculator(atoms, energy=1.0)
+    write_structures(tmp_path / "best.extxyz", [atoms])
+
+    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("ase.io.write", no_space)
+    with pytest.raises(OSError, match="No space"):
+        write_structures(tmp_path / "best.extxyz", [atoms, atoms])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.extxyz", "summary.json"]
+    assert "Pd" in (tmp_path / "best.extxyz").read_text()
+
+
+@pytest.mark.parametrize("where", ["ckpt-00000016/.trainer.safetensors.", "ckpt-00000016/.agent.json.",
+                                   "/.summary.json."])
+def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint_intact(tmp_path, monkeypatch, where):
+    from asla.agents.training import latest_checkpoint
+    run = tmp_path / "run"
+    args = ["--no-progress", "--no-relax", "--set", "episodes=24", "--set", "checkpoint_every=8", *TINY_SET]
+    refused_paths = _full_disk(monkeypatch, where)
+    rc, _, err = cli("train", "configs/tiny-pd2o.yaml", "--run-dir", str(run), *args)
+    assert refused_paths  # the disk filled where the test meant it to
+    refused(rc, err, "No space left on device", "--resume")
+    monkeypatch.undo()
+    published = latest_checkpoint(run)  # the first checkpoint (the summary fails right after it, the second in it)
+    assert published.name == "ckpt-00000008"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000008", "latest"]  # none half
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # no orphan temporary files
+    assert not (run / LOCK_NAME).exists()
+    Agent.load(published / "agent")  # the last checkpoint reads back
+    rc, out, err = cli("train", "--resume", str(run), *args)
+    assert rc == 0, err
+    whole = tmp_path / "whole"
+    assert cli("train", "configs/tiny-pd2o.yaml", "--run-dir", str(whole), *args)[0] == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (run, whole))
+    assert a["energy_evaluations"] == b["energy_evaluations"] and a["best_energy"] == b["best_energy"]
+    assert [h["actions"] for h in a["history"]] == [h["actions"] for h in b["history"]]
+
+
+def test_a_database_that_cannot_grow_is_one_line(tmp_path, monkeypatch):
+    import sqlite3
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr("asla.agents.training.append_db", full)
+    rc, _, err = cli("train", "configs/tiny-pd2o.yaml", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                     "--set", "episodes=8", *TINY_SET)
+    refused(rc, err, "evaluations database: database or disk is full")
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
