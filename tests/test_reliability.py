@@ -533,3 +533,19 @@ def test_a_database_that_cannot_grow_is_one_line(tmp_path, monkeypatch):
                      "--set", "episodes=8", *TINY_SET)
     refused(rc, err, "evaluations database: database or disk is full")
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+# ---- counting -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, retries, calls", [("nan", 0, 1), ("nan", 2, 3), ("raise", 0, 1), ("raise", 1, 2)])
+def test_a_failed_evaluation_costs_one_evaluation_per_try(mode, retries, calls):
+    """A NaN energy was counted twice (the call, then once more as a failure); each try is one evaluation."""
+    import numpy as np
+
+    from asla.builder import random_build
+    from asla.reward import EnergyEvaluator
+    problem = load_problem(TINY_PROBLEM | {"calculator": {"name": "tests.test_core:Broken", "mode": mode},
+                                           "faults": {"retries": retries}})
+    evaluator = EnergyEvaluator(problem)
+    result = evaluator.evaluate(random_build(problem, np.random.default_rng(0)).atoms())
+    assert not result.ok and result.n_calls == calls and evaluator.n_calls == calls
