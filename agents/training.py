@@ -382,7 +382,7 @@ class Trainer:
     def close(self) -> None:
         """Progress bar, TensorBoard, workers; then leftovers of a failed write (temporary files, a checkpoint
         directory that was never published) are removed and the run directory's lock released. Each step runs even
-        if one before it raises (a full disk), and the first error is raised afterwards."""
+        if one before it raises (a full disk); the error is raised once all have run."""
         with contextlib.ExitStack() as steps:  # run in reverse order of registration
             steps.callback(self.lock.release)
             steps.callback(remove_leftovers, self.run_dir)
