@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 import asla
+from asla import schema
 from asla.builder import BuildState, observation_shape
 from asla.errors import CheckpointError
 from asla.problem import Problem, load_problem
 from asla.reward import EnergyEvaluator
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import base_path, check_weights, load_tensors, save_tensors
 from .qnetwork import NetworkConfig, QNetwork
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -219,17 +220,66 @@ class Agent:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Agent:
+        """The agent of a .safetensors + .json pair, a run directory or a shipped name. Both files are untrusted
+        input: the card's fields are checked (the network through the recipe schema's Network section) and the
+        weights must be finite floating-point tensors of the shapes that network has, all before the network is
+        allocated (`asla.agents.checkpoint`)."""
         path = resolve_agent_path(path)
         tensors, card = load_tensors(path)
-        try:
-            net_cfg = NetworkConfig(**card["network"])
-            agent = cls(card["species"], tuple(card["grid_spacing"]), card["n_layers"], card["in_channels"],
-                        net_cfg, card=card, device=device)
-            agent.net.load_state_dict(tensors)
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: card and weights do not describe an asla agent "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        jfile = base_path(path).with_suffix(".json")
+        species, spacing, n_layers, in_channels, net_cfg = check_card(card, jfile)
+        with torch.device("meta"):  # the shapes the card implies, without memory or random draws
+            expected = QNetwork(in_channels, len(species) * n_layers, net_cfg).state_dict()
+        check_weights(base_path(path).with_suffix(".safetensors"), tensors,
+                      {k: tuple(v.shape) for k, v in expected.items()})
+        agent = cls(species, spacing, n_layers, in_channels, net_cfg, card=card, device=device)
+        agent.net.load_state_dict(tensors)
         return agent
+
+
+MAX_SPECIES = 32  # species a card may name (a problem's bag rarely has more than three)
+
+
+def check_card(card: dict, jfile: Path) -> tuple[list[str], tuple[float, float], int, int, NetworkConfig]:
+    """The card's fields that build the network, checked: species, grid spacing, layers, channels, network."""
+    from ase.data import atomic_numbers
+
+    from asla.problem import MAX_LAYERS
+    from asla.schema import check_value, from_mapping
+
+    from .config import Network
+
+    def error(name: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{jfile}: {name}: {message}")
+
+    for key in ("species", "grid_spacing", "n_layers", "in_channels", "network"):
+        if key not in card:
+            raise error(key, "missing: card and weights do not describe an asla agent")
+    species = card["species"]
+    if not (isinstance(species, list) and 1 <= len(species) <= MAX_SPECIES and len(set(map(str, species))) == len(
+            species) and all(isinstance(s, str) and s in atomic_numbers and s != "X" for s in species)):
+        raise error("species", f"must be a list of 1 to {MAX_SPECIES} different element symbols, got "
+                    f"{str(species)[:60]}")
+    spacing = card["grid_spacing"]
+    positive = schema.Option("", "number", minimum=0.0, exclusive_minimum=True, maximum=100.0)
+    if not isinstance(spacing, list) or len(spacing) != 2:
+        raise error("grid_spacing", f"must be two pixel sizes in A, got {str(spacing)[:60]}")
+    spacing = tuple(float(check_value(positive, v, "grid_spacing", error)) for v in spacing)
+    n_layers = check_value(schema.Option("", "int", minimum=1, maximum=MAX_LAYERS), card["n_layers"], "n_layers",
+                           error)
+    base = len(species) * (n_layers + 1)  # placed atoms per layer and the bag, then 0 to 16 template planes
+    in_channels = check_value(schema.Option("", "int", minimum=base, maximum=base + 16), card["in_channels"],
+                              "in_channels", error)
+    if "smear" in card:
+        check_value(schema.Option("", "number", minimum=0.0, maximum=5.0), card["smear"], "smear", error)
+    network = card["network"]
+    if not isinstance(network, dict):
+        raise error("network", f"must be a mapping, got {str(network)[:60]}")
+    periodic = network.get("periodic", True)
+    if not isinstance(periodic, bool):
+        raise error("network.periodic", f"must be true or false, got {str(periodic)[:60]}")
+    checked = from_mapping(Network, {k: v for k, v in network.items() if k != "periodic"}, "network.", error)
+    return species, spacing, n_layers, in_channels, NetworkConfig(**schema.to_mapping(checked), periodic=periodic)
 
 
 def network_description(cfg: NetworkConfig) -> dict:
@@ -268,6 +318,63 @@ def observation_channels(species: list[str], n_layers: int, in_channels: int) ->
     template = [f"template plane {t} from the top (1 at the grid point nearest each atom)" for t in range(n_template)]
     bag = [f"{s} still in the bag, as a fraction of the bag (constant plane)" for s in species]
     return placed + template + bag
+
+
+def load_card_problem(card: dict, source: str | Path, trust: bool = False) -> Problem:
+    """The problem an agent's card names, loaded without running code from the card.
+
+    A card is a downloaded file, and a problem's ``calculator.name`` may be any import path (whose class would be
+    imported and called with the card's keywords). So without `trust` the card's problem must be a shipped problem's
+    name, or inline problem data whose calculators (``calculator``, ``faults.retry_settings``, any nested ``name``
+    or ``inner``) are built-in names and whose keyword values name no file (GPAW's ``txt`` writes one); the
+    template may not be read from a file. With `trust` (``asla build --trust-card``) the card's problem is loaded
+    as a recipe's would be."""
+    from asla.calculators import BUILDERS
+    from asla.problem import list_problems, shipped_problem_dir
+
+    name = card.get("problem")
+    hint = "give --problem NAME_OR_YAML, or --trust-card if you trust this card"
+    if name is None or name == "":
+        raise CheckpointError(f"{source}: the agent card names no training problem; give --problem")
+    if isinstance(name, str) and name in list_problems():
+        return load_problem(shipped_problem_dir() / f"{name}.yaml")
+    if trust:
+        return load_problem(name)
+    if not isinstance(name, dict):
+        raise CheckpointError(f"{source}: the card's problem {str(name)[:60]!r} is not a shipped problem "
+                              f"({', '.join(list_problems())}); {hint}")
+    template = name.get("template")
+    if isinstance(template, dict) and template.get("file") is not None:
+        raise CheckpointError(f"{source}: the card's problem reads its template from a file (template.file); {hint}")
+    problem = load_problem(name)
+    for where, spec in (("calculator", problem.calculator), ("faults.retry_settings",
+                                                            dict(problem.faults.retry_settings))):
+        reason = _untrusted_calculator(spec, where, set(BUILDERS))
+        if reason:
+            raise CheckpointError(f"{source}: the card's problem {reason}; {hint}")
+    return problem
+
+
+def _untrusted_calculator(spec: Any, where: str, builtin: set[str], is_spec: bool = True) -> str | None:
+    """Why a calculator section from a card could run code or touch files (None: it cannot). `is_spec`: `spec` is
+    a calculator spec (the section itself or an ``inner`` one), whose ``name`` must be built in."""
+    if isinstance(spec, str) and ("/" in spec or "\\" in spec or spec.startswith("~")):
+        return f"gives a file path {spec[:60]!r} at {where} (a calculator may write it)"
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            here = f"{where}.{key}"
+            if (key == "name" and is_spec or key == "inner") and isinstance(value, str) and value not in builtin:
+                return (f"names calculator {value[:60]!r} at {here}, which is not a built-in calculator "
+                        f"({', '.join(sorted(builtin))}): an import path runs code")
+            reason = _untrusted_calculator(value, here, builtin, is_spec=key == "inner")
+            if reason:
+                return reason
+    elif isinstance(spec, list):
+        for n, value in enumerate(spec):
+            reason = _untrusted_calculator(value, f"{where}[{n}]", builtin, is_spec=False)
+            if reason:
+                return reason
+    return None
 
 
 def list_pretrained() -> list[str]:

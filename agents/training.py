@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from asla.builder import check_fits, encode_observation
 from asla.errors import CheckpointError, ConfigError
 from asla.executor import make_executor
+from asla.lock import RunLock
 from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
 from asla.reward import EnergyEvaluator, Evaluation, RewardScale, rewards
@@ -150,20 +151,26 @@ class Trainer:
                  overrides: list[str] | None = None,
                  callbacks: Sequence[BaseCallback] = (), problem: Problem | None = None) -> None:
         self.cfg, self.run_dir = prepare_run(config, run_dir, resume, init_from, overrides)
-        self.problem = problem if problem is not None else load_problem(self.cfg["problem"],
-                                                                       **self.cfg["problem_overrides"])
-        if not resume:
-            check_fits(self.problem)  # a bag that cannot be completed fails now, not as dead ends; own RNG
-            write_run_files(self.run_dir, self.cfg, self.problem)
-        self.rng = seed_everything(self.cfg)
-        self.build_learner()
-        if resume:
-            self.load_checkpoint()
-        else:
-            self.seed_replay()
-        self.callbacks = CallbackList([*callbacks_from_config(self.cfg), *callbacks])
-        self.callbacks.init_callback(self)
-        self.open_logs(resume, progress)
+        self.lock = RunLock(self.run_dir).acquire()  # one trainer per run directory; released by close()
+        try:
+            clean_run_dir(self.run_dir, self.cfg, resume)
+            self.problem = problem if problem is not None else load_problem(self.cfg["problem"],
+                                                                           **self.cfg["problem_overrides"])
+            if not resume:
+                check_fits(self.problem)  # a bag that cannot be completed fails now, not as dead ends; own RNG
+                write_run_files(self.run_dir, self.cfg, self.problem)
+            self.rng = seed_everything(self.cfg)
+            self.build_learner()
+            if resume:
+                self.load_checkpoint()
+            else:
+                self.seed_replay()
+            self.callbacks = CallbackList([*callbacks_from_config(self.cfg), *callbacks])
+            self.callbacks.init_callback(self)
+            self.open_logs(resume, progress)
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ---- setting up ------------------------------------------------------------------------------------
 
@@ -373,9 +380,15 @@ class Trainer:
                 self.writer.flush()
 
     def close(self) -> None:
-        self.pbar.close()
-        self.writer.close()
-        self.executor.close()
+        """Progress bar, TensorBoard, workers; then leftovers of a failed write (temporary files, a checkpoint
+        directory that was never published) are removed and the run directory's lock released. Each step runs even
+        if one before it raises (a full disk); the error is raised once all have run."""
+        with contextlib.ExitStack() as steps:  # run in reverse order of registration
+            steps.callback(self.lock.release)
+            steps.callback(remove_leftovers, self.run_dir)
+            steps.callback(self.executor.close)
+            steps.callback(self.writer.close)
+            steps.callback(self.pbar.close)
 
     def summarise(self) -> dict:
         """run_dir/summary.json, returned; then the callbacks' on_training_end."""
@@ -470,6 +483,39 @@ def prepare_run(config: dict | str | None, run_dir: str | Path | None, resume: b
     if init_from is not None:
         cfg["init_from"] = str(init_from)
     return cfg, run_dir
+
+
+def clean_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
+    """What a killed or failed trainer left behind, removed once this one holds the lock.
+
+    Always: temporary files of interrupted writes and checkpoint directories newer than the published one
+    (`remove_leftovers`). Starting afresh where an earlier attempt left a config.yaml but no checkpoint (it was
+    killed before its first one; `prepare_run` refuses a directory with a checkpoint): that attempt's rows in the
+    evaluations database (its ``run`` name is this directory's), its failures/, TensorBoard event files, best.extxyz
+    and summary.json, so that the new run's files hold only the new run; resuming from zero would give the same
+    run, since a fresh start repeats the killed attempt's episodes exactly."""
+    remove_leftovers(run_dir)
+    if resume or not (run_dir / "config.yaml").exists():
+        return
+    database = cfg["database"] or str(run_dir / "evaluations.db")
+    _drop_db_rows_after(database, -1, run_dir.name, 1)  # every row of this run: episodes count from 0 or 1
+    shutil.rmtree(run_dir / "failures", ignore_errors=True)
+    for f in [*run_dir.glob("events.out.tfevents.*"), run_dir / "best.extxyz", run_dir / "summary.json"]:
+        f.unlink(missing_ok=True)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of interrupted atomic writes (``.NAME.*.tmp``) and checkpoint directories that the
+    'latest' pointer does not publish and that are newer than it (a checkpoint whose writing failed or was
+    killed): a resume reads only what 'latest' names, but such leftovers would confuse a user or fill a disk."""
+    ckdir = run_dir / "checkpoints"
+    for tmp in [*run_dir.glob(".*.tmp"), *ckdir.glob(".*.tmp"), *ckdir.glob("*/.*.tmp")]:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    latest = latest_checkpoint(run_dir)
+    for ck in ckdir.glob("ckpt-*"):
+        if ck.is_dir() and (latest is None or ck.name > latest.name):
+            shutil.rmtree(ck, ignore_errors=True)
 
 
 def write_run_files(run_dir: Path, cfg: dict, problem: Problem) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="build structures with a trained or pretrained agent")
     p.add_argument("agent", help="agent path (x.safetensors/x.json), run directory, or pretrained name")
     p.add_argument("--problem", help="problem to build (default: the one the agent was trained on)")
+    p.add_argument("--trust-card", action="store_true",
+                   help="without --problem, load the card's problem even if it is a file or names an import-path "
+                        "calculator (which runs code: only for cards you trust)")
     p.add_argument("--episodes", type=int, default=1, help="number of builds (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="always take the best action (default)")
@@ -81,9 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     except AslaError as exc:
         print(f"asla: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:  # a full disk, a folder turned read-only, a database that cannot grow
+        run = getattr(args, "resume", None) or getattr(args, "run_dir", None) or "RUN_DIR"
+        hint = (f"; published checkpoints are intact: free space (or fix permissions), then asla train --resume "
+                f"{run}" if args.command == "train" else "")
+        print(f"asla: error: {_system_error(exc)}{hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("asla: interrupted; resume with 'asla train --resume RUN_DIR'", file=sys.stderr)
         return 130
+
+
+def _system_error(exc: BaseException) -> str:
+    """One line for an error of the system rather than of the input: the file and the reason."""
+    if isinstance(exc, sqlite3.Error):
+        return f"evaluations database: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    assert isinstance(exc, OSError)
+    reason = exc.strerror or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
@@ -191,16 +210,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from asla.agents.agent import Agent
+    from asla.agents.agent import Agent, load_card_problem
 
     from .problem import load_problem
     from .storage import write_structures
     _explain_run_without_agent(args.agent)
     agent = Agent.load(args.agent)
-    problem_name = args.problem or agent.card.get("problem")
-    if not problem_name:
-        raise AslaError("--problem: the agent card names no training problem; give --problem")
-    problem = load_problem(problem_name)
+    if args.problem:
+        problem = load_problem(args.problem)
+    else:  # the card is untrusted: its problem is a shipped name or plain data (asla.agents.agent.load_card_problem)
+        problem = load_card_problem(agent.card, args.agent, trust=args.trust_card)
     if args.relax is not None and args.relax < 1:
         raise AslaError(f"--relax: optimizer steps must be a positive integer, got {args.relax}")
     greedy = args.epsilon is None

@@ -3,7 +3,8 @@
 The learner stays in the driver; only finished structures travel to workers, each of which
 keeps a warm calculator for its problem. The cache, the evaluation count and the failure log
 stay in the driver's EnergyEvaluator, so every executor gives the same results in the same
-order as a serial run. A worker that dies has its tasks retried on a fresh one.
+order as a serial run. A worker that dies has its tasks retried on a fresh one; a structure that kills its
+worker on every try becomes a failed evaluation, as a calculator error does.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import concurrent.futures as cf
 import logging
 import math
 import multiprocessing as mp
+import signal
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
-from .errors import ConfigError
+from .errors import CalculatorError, ConfigError
 from .problem import Problem, load_problem
 from .reward import EnergyEvaluator, Evaluation
 
@@ -85,13 +89,28 @@ class Executor:
 
 
 def _merge_into(evaluator: EnergyEvaluator, atoms: Atoms, key, ev: Evaluation) -> None:  # noqa: ANN001
-    """Account a worker's evaluation in the driver: count, cache, failure log."""
+    """Account a worker's evaluation in the driver: count, cache, failure log (failures/), and the problem's fault
+    policy for a structure whose worker died (a calculator error under ``faults.on_error: raise`` is raised in the
+    worker already)."""
     evaluator.n_calls += ev.n_calls
     evaluator.n_structures += 1
     if evaluator.use_cache and key is not None:
         evaluator.cache[key] = ev.energy if ev.ok else math.nan
     if not ev.ok:
         evaluator._record_failure(atoms, ev.error or "unknown failure")  # noqa: SLF001 - same package
+        if ev.error and ev.error.startswith(WORKER_DIED) and evaluator.problem.faults.on_error == "raise":
+            raise CalculatorError(ev.error)
+
+
+WORKER_DIED = "the evaluation worker died"
+
+
+def _lost(atoms: Atoms, error: str, seconds: float) -> Evaluation:
+    """A structure that killed its worker, as a failed evaluation: energy nan (the worst reward), one evaluation
+    spent (the calculator ran, as for a calculator that raised)."""
+    a = atoms.copy()
+    a.calc = SinglePointCalculator(a, energy=math.nan)
+    return Evaluation(energy=math.nan, ok=False, n_calls=1, seconds=seconds, error=error, atoms=a)
 
 
 def _context() -> mp.context.BaseContext:
@@ -120,29 +139,55 @@ class ProcessExecutor(Executor):
         return self.pool
 
     def run(self, evaluator: EnergyEvaluator, atoms: Sequence[Atoms]) -> list[Evaluation]:
+        """All structures on the pool at once. If a worker dies (a segfault or SIGKILL inside the calculator), every
+        unfinished task of the pool is lost with it and which structure killed it is unknown: those left are then
+        evaluated one at a time on a fresh pool, each tried up to 1 + max_retries times, and a structure that
+        kills its worker every time becomes a failed evaluation (`_lost`) like a calculator error."""
         results: dict[int, Evaluation] = {}
-        pending = list(range(len(atoms)))
-        for attempt in range(self.max_retries + 1):
-            pool = self._pool()
-            futures = {pool.submit(_evaluate_in_worker, atoms[i]): i for i in pending}
-            broken = False
-            for fut in cf.as_completed(futures):
-                try:
-                    results[futures[fut]] = fut.result()
-                except cf.process.BrokenProcessPool:
-                    broken = True
-            pending = [i for i in pending if i not in results]
-            if not pending:
-                break
-            if broken:
-                log.warning("a worker died; retrying %d evaluation(s) on a fresh pool (attempt %d)",
-                            len(pending), attempt + 1)
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = None
+        pool = self._pool()
+        futures = {pool.submit(_evaluate_in_worker, atoms[i]): i for i in range(len(atoms))}
+        for fut in cf.as_completed(futures):
+            try:
+                results[futures[fut]] = fut.result()
+            except cf.process.BrokenProcessPool:
+                pass
+        pending = [i for i in range(len(atoms)) if i not in results]
         if pending:
-            raise RuntimeError(f"{len(pending)} evaluation(s) lost: workers kept dying after "
-                               f"{self.max_retries} retries")
+            log.warning("a worker died (%s); evaluating %d structure(s) one at a time on a fresh pool",
+                        self._discard_pool(), len(pending))
+            for i in pending:
+                results[i] = self._alone(atoms[i])
         return [results[i] for i in range(len(atoms))]
+
+    def _alone(self, atoms: Atoms) -> Evaluation:
+        """One structure on its own on the pool (so that a death is its own), retried on fresh pools."""
+        t0 = time.perf_counter()
+        how = "unknown cause"
+        for _ in range(self.max_retries + 1):
+            try:
+                return self._pool().submit(_evaluate_in_worker, atoms).result()
+            except cf.process.BrokenProcessPool:
+                how = self._discard_pool()
+        return _lost(atoms, f"the evaluation worker died ({how}) on this structure, {self.max_retries + 1} times",
+                     time.perf_counter() - t0)
+
+    def _discard_pool(self) -> str:
+        """Shut a broken pool down; how its worker died ('SIGSEGV', 'exit status 1'), as far as can be told."""
+        pool, self.pool = self.pool, None
+        how = "unknown cause"
+        if pool is None:
+            return how
+        try:
+            for proc in list((pool._processes or {}).values()):  # noqa: SLF001 - the pool exposes no exit codes
+                proc.join(1.0)
+                code = proc.exitcode
+                if code is not None and code != -signal.SIGTERM:  # the pool terminates the survivors itself
+                    how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
+                    break
+        except (AttributeError, ValueError):
+            pass
+        pool.shutdown(wait=False, cancel_futures=True)
+        return how
 
     def pids(self) -> list[int]:
         return list(self._pool()._processes) if self.pool else []  # noqa: SLF001

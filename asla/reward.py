@@ -98,6 +98,7 @@ class EnergyEvaluator:
             if attempt:
                 spec = {**spec, **faults.retry_settings}
                 self._calc = None
+            n_calls_try = 0  # > 0 once _run returned: a non-finite energy below is counted already
             try:
                 energy, n_calls_try, final = self._run(atoms, spec)
                 n_calls += n_calls_try
@@ -106,7 +107,7 @@ class EnergyEvaluator:
                 error = None
                 break
             except Exception as exc:  # noqa: BLE001 - any calculator failure is handled per problem policy
-                n_calls += 1
+                n_calls += 0 if n_calls_try else 1  # a call that raised counts once
                 self._calc = None  # a failed calculator may hold a broken state
                 error = _describe(exc, spec)
                 energy = float("nan")
