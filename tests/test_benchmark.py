@@ -312,6 +312,23 @@ def test_report_names_the_machines_its_runs_were_made_on_and_flags_rows_that_mix
     assert "Wall-time columns" not in benchmark.markdown(report)  # one machine: nothing to flag
 
 
+def test_report_flags_runs_judged_against_another_reference_energy():
+    """A reference lowered after its runs were judged (as the 5x5 oxide's was) leaves their verdicts stale: the table
+    must say which runs, not present them as judged against the new value."""
+    from asla.bench import report as benchmark
+    run = {"budget": 100, "tol": 0.05, "evaluations_spent": 100, "wall_seconds": 50.0, "window": 5.0,
+           "found_at_evaluations": None, "found_at_seconds": None, "best_relaxed_energy": 1.0, "machine": "CPU A",
+           "reference_energy": 0.0}
+    report = {"tol": 0.05, "versions": {"asla": "0"}, "commands": [],
+              "machine": {"cpu": "CPU A", "logical_cpus": 2, "memory_gib": 1.0, "system": "Linux"},
+              "problems": {"p": {"reference_energy": 0.0, "reference_method": "m", "methods": {
+                  "random": {"status": "done", "runs": [{**run, "seed": 0}, {**run, "seed": 1}]}}}}}
+    assert "another reference energy" not in benchmark.markdown(report)
+    report["problems"]["p"]["methods"]["random"]["runs"][1]["reference_energy"] = 0.0087
+    note = next(line for line in benchmark.markdown(report).splitlines() if "another reference energy" in line)
+    assert "random builder (floor): seed 1 (0.0087 eV)" in note and "seed 0" not in note
+
+
 def test_parallel_jobs_report_a_failed_run_and_still_finish_the_others(tmp_path):
     """--jobs runs each run in its own process: a failure there comes back as its traceback, not a lost batch."""
     import argparse

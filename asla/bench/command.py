@@ -123,9 +123,11 @@ def record_stands(args: argparse.Namespace, p: BenchProblem, m: str, s: int, lab
     if not old or old.get("budget") != budget_for(args, p, m):
         return False
     same_window = old.get("window") == window_json(window)
+    ref, old_ref = p.load().reference_energy, old.get("reference_energy")
+    same_reference = ref is None or old_ref is None or abs(ref - old_ref) <= 1e-6
     if not trace_path(path).exists():
-        return same_window  # a restored record keeps no structures: it stands as judged
-    if same_window and "first_hit_is_reference" in old:
+        return same_window  # a restored record keeps no structures: it stands as judged (the report flags another ref)
+    if same_window and same_reference and "first_hit_is_reference" in old:
         return True
     rec = rejudge(p, old, path, window, args.command)
     write_json(path, rec)

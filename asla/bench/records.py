@@ -84,7 +84,8 @@ def rejudge(problem: BenchProblem, record: dict, path: Path, window: float, comm
     structures: nothing is run. Exact: a run stopped when found (by a narrower window) has the earliest hit of any
     window in its trace, too."""
     trace = read_trace(trace_path(path))
-    return {**record, **judgement(problem, trace, window), "rejudged": now(), "rejudged_with": command}
+    return {**record, **judgement(problem, trace, window), "reference_energy": problem.load().reference_energy,
+            "rejudged": now(), "rejudged_with": command}
 
 
 def now() -> str:

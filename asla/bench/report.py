@@ -230,8 +230,28 @@ def markdown(report: dict) -> str:
         if mixed:
             lines += ["", "Wall-time columns of rows whose runs were made on more than one machine: "
                       + "; ".join(mixed) + "."]
+        stale = stale_reference_text(entry)
+        if stale:
+            lines += ["", stale]
         lines.append("")
     return "\n".join(lines)
+
+
+def stale_reference_text(entry: dict) -> str:
+    """A warning line for runs judged against another reference energy than the problem's current one (a reference
+    that was lowered later): their verdicts are not this table's until judged again (`record_stands` does that when
+    the trace's structures are there)."""
+    ref = entry["reference_energy"]
+    stale: dict[str, list[str]] = {}
+    for method, data in entry["methods"].items():
+        for run in data["runs"]:
+            old = run.get("reference_energy")
+            if ref is not None and old is not None and abs(old - ref) > 1e-6:
+                stale.setdefault(LABELS[method], []).append(f"seed {run['seed']} ({old:.4f} eV)")
+    if not stale:
+        return ""
+    return ("Judged against another reference energy than this one, so not comparable until judged again: "
+            + "; ".join(f"{label}: {', '.join(runs)}" for label, runs in stale.items()) + ".")
 
 
 def commands_text(report: dict) -> list[str]:
