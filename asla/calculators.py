@@ -164,7 +164,12 @@ def _chgnet(model: str = "0.3.0", device: str = "auto") -> Calculator:
         implemented_properties = ("energy", "forces", "free_energy")
 
         def calculate(self, atoms=None, properties=None, system_changes=None, task: str = "ef") -> None:
-            super().calculate(atoms, properties, system_changes, task=task)
+            # Two warnings CHGNet 0.4.2 raises in every run, neither about the result: pymatgen drops constraints
+            # other than FixAtoms (ASE applies them to the forces anyway), and CHGNet's own volume tensor.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Only FixAtoms and FixCartesian", UserWarning)
+                warnings.filterwarnings("ignore", "Converting a tensor with requires_grad", UserWarning)
+                super().calculate(atoms, properties, system_changes, task=task)
 
     torch_device = _torch_device(device)
     with contextlib.redirect_stdout(io.StringIO()):  # both print a line per load ("CHGNet will run on cpu")
