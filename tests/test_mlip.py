@@ -86,3 +86,12 @@ def test_shipped_chgnet_problem_has_no_reference_and_chgnets_own_lattice(offline
         energies.append(pd.get_potential_energy())
     v0 = EquationOfState(volumes, energies).fit()[0]
     assert abs((4 * v0) ** (1 / 3) - problem.source["template"]["a"]) < 0.01
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("chgnet", reason="chgnet is not installed (extra asla[chgnet])")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the refusal cannot be seen here")
+    with pytest.raises(ProblemError, match=r"^calculator.device: cuda requested but torch sees no CUDA device"):
+        make_calculator({"name": "chgnet", "device": "cuda"})
