@@ -229,8 +229,8 @@ class ProblemSpec:
     region: RegionSpec = schema.section(RegionSpec, "build layers")
     grid: GridSpec = schema.section(GridSpec, "pixel grid")
     rules: Rules = schema.section(Rules, "placement rules")
-    calculator: Any = option({"name": "emt"}, "emt | tersoff | lj | tblite | gpaw | brenner | sleep | "
-                             "package.module:Class, plus keyword arguments", "any")
+    calculator: Any = option({"name": "emt"}, "emt | tersoff | lj | tblite | gpaw | brenner | chgnet | sevennet | "
+                             "sleep | package.module:Class, plus keyword arguments", "any")
     reference: ReferenceSpec = schema.section(ReferenceSpec, "best known structure")
     relax: Relaxation = schema.section(Relaxation, "relaxation before the reward")
     faults: Faults = schema.section(Faults, "failed evaluations")
