@@ -55,6 +55,7 @@ def builder_for(kind: str, problem_name: str, seed: int) -> tuple[Callable[[int]
     if kind == "random":
         return (lambda _: random_build(grid_problem, rng)), {"builder": "uniformly random legal actions"}
     import torch
+
     from asla.agents.agent import Agent
     from asla.agents.qnetwork import NetworkConfig
     epsilon, temperature = cfg["epsilon"]["start"], cfg["temperature"]["start"]

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from asla.envs.build_env import AtomBuildEnv
 
 from asla import list_problems, load_problem
+from asla.envs.build_env import AtomBuildEnv
 
 SLOW = ("-dft",)  # a DFT evaluation takes tens of seconds: measured without evaluation only
 

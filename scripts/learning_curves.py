@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from asla.agents.config import load_config
-from asla.agents.training import train
 
 from asla import load_problem
+from asla.agents.config import load_config
+from asla.agents.training import train
 from asla.basin import relaxed_energy
 from asla.bench.judge import first_found
 from asla.builder import atoms_from_actions, random_build

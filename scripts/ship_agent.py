@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 import yaml
-from asla.agents.agent import PRETRAINED_DIR, Agent
 
 from asla import load_problem
+from asla.agents.agent import PRETRAINED_DIR, Agent
 from asla.basin import relaxed_energy
 
 

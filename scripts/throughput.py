@@ -216,13 +216,13 @@ def _floor(problem: Any, structures: list) -> tuple[float, list[int], list[float
 
 def run_micro(spec: dict) -> dict:
     import torch
+
+    from asla import load_problem
     from asla.agents.agent import Agent
     from asla.agents.config import load_config
     from asla.agents.qnetwork import NetworkConfig
     from asla.agents.replay import Episode, ReplayBuffer
     from asla.agents.training import _learn_step
-
-    from asla import load_problem
     from asla.builder import BuildState, random_build
     from asla.reward import RewardScale
 

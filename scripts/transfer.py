@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from asla import load_problem
 from asla.agents.agent import Agent
 from asla.agents.config import load_config
 from asla.agents.training import train
-
-from asla import load_problem
 from asla.basin import relaxed_energy
 from asla.bench.judge import TOL, first_found, in_basin
 from asla.builder import atoms_from_actions

@@ -12,11 +12,10 @@ import argparse
 import tempfile
 import time
 
+from asla import load_problem
 from asla.agents.agent import Agent
 from asla.agents.config import load_config
 from asla.agents.training import train
-
-from asla import load_problem
 
 
 def main() -> None:

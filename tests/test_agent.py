@@ -6,15 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
+
+from asla import CheckpointError, ConfigError, load_problem
 from asla.agents import augmentation
 from asla.agents.agent import Agent
 from asla.agents.callbacks import StopAfterEpisodes
 from asla.agents.config import load_config
 from asla.agents.qnetwork import NetworkConfig, QNetwork
 from asla.agents.training import latest_checkpoint, train
-from torch.nn import functional as F
-
-from asla import CheckpointError, ConfigError, load_problem
 from asla.builder import (
     BuildState,
     atoms_from_actions,

@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+
 from asla.agents.callbacks import BaseCallback, CheckpointHook, MaxEvaluations, ThroughputProbe
 from asla.agents.training import TrainState, latest_checkpoint, train
-
 from asla.reward import RewardScale
 from tests.recipes import TINY, tiny_cfg
 

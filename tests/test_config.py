@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from asla.agents.config import DEFAULTS, Recipe, load_config, markdown_table
 
 from asla import ConfigError, ProblemError, load_problem, schema
+from asla.agents.config import DEFAULTS, Recipe, load_config, markdown_table
 from asla.builder import check_fits
 from asla.cli import main
 from asla.problem import MAX_GRID_POINTS, ProblemSpec

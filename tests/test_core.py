@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 
-import asla.envs
 import gymnasium as gym
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+import asla.envs
 from asla import CalculatorError, ProblemError, list_problems, load_problem
 from asla.builder import BuildState, encode_action, encode_observation, random_build
 from asla.calculators import make_calculator, make_safe_tersoff

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from asla.agents.config import load_config
-from asla.agents.training import train
 
 from asla import load_problem
+from asla.agents.config import load_config
+from asla.agents.training import train
 from asla.builder import random_build
 from asla.executor import ProcessExecutor, make_executor
 from asla.reward import EnergyEvaluator
@@ -100,8 +100,8 @@ def test_kill_minus_9_then_resume_loses_nothing(tmp_path):
 
 def test_seed_from_database(tmp_path):
     from ase.db import connect
-    from asla.agents.training import demonstrations_from_db
 
+    from asla.agents.training import demonstrations_from_db
     from asla.builder import atoms_from_actions
     train(_cfg("serial"), run_dir=tmp_path / "a", progress=False)
     db = tmp_path / "a" / "evaluations.db"

@@ -4,11 +4,11 @@ evaluations mostly is not."""
 from __future__ import annotations
 
 import numpy as np
+
+from asla import load_problem
 from asla.agents.agent import Agent
 from asla.agents.config import load_config
 from asla.agents.training import train
-
-from asla import load_problem
 from asla.builder import random_build
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from asla.agents.agent import PRETRAINED_DIR, Agent, list_pretrained
 
 from asla import CheckpointError, load_problem
+from asla.agents.agent import PRETRAINED_DIR, Agent, list_pretrained
 from asla.basin import relaxed_energy
 
 SHIPPED = list_pretrained()

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from asla.agents import checkpoint
-from asla.agents.agent import Agent
-from asla.agents.qnetwork import NetworkConfig
 from safetensors.torch import load_file, save_file
 
 from asla import CalculatorError, load_problem
+from asla.agents import checkpoint
+from asla.agents.agent import Agent
+from asla.agents.qnetwork import NetworkConfig
 from asla.cli import main
 from asla.lock import LOCK_NAME, RunLock, RunLockedError
 from asla.problem import shipped_problem_dir
@@ -301,10 +301,9 @@ def test_stale_and_foreign_locks(tmp_path, monkeypatch):
 
 
 def test_the_lock_is_released_when_setting_up_or_training_fails(tmp_path):
+    from asla import CheckpointError
     from asla.agents.callbacks import BaseCallback
     from asla.agents.training import Trainer, train
-
-    from asla import CheckpointError
     with pytest.raises(CheckpointError):
         Trainer(recipe(), run_dir=tmp_path / "a", init_from=tmp_path / "no-agent", progress=False)
     assert not (tmp_path / "a" / LOCK_NAME).exists()
@@ -335,6 +334,7 @@ train(json.loads(sys.argv[1]), run_dir=sys.argv[2], progress=False, callbacks=[K
 
 def test_starting_afresh_after_a_kill_before_the_first_checkpoint_leaves_no_duplicate_rows(tmp_path):
     from ase.db import connect
+
     from asla.agents.training import train
     cfg = recipe(episodes=24, checkpoint_every=1000)
     killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(tmp_path / "run")],
