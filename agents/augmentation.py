@@ -45,7 +45,7 @@ def arbitrary_rotation(group: SymmetryGroup, rng: np.random.Generator, points: l
     return out_p, out_a
 
 
-def rotate_points(grid, points: np.ndarray, theta: float, centre: int) -> np.ndarray:  # noqa: ANN001
+def rotate_points(grid, points: np.ndarray, theta: float, centre: int) -> np.ndarray:
     """Grid points rotated by theta (radians) about grid point `centre`, snapped to the nearest point."""
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     c = grid.positions[0, centre, :2]

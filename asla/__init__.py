@@ -18,11 +18,11 @@ if not _chosen and "numpy" in __import__("sys").modules:
     from threadpoolctl import threadpool_limits as _limits
     _limits(limits=1, user_api="blas")
 
-from .errors import AslaError, CalculatorError, CheckpointError, ConfigError, ProblemError  # noqa: E402
-from .problem import Problem, list_problems, load_problem  # noqa: E402
+from .errors import AslaError, CalculatorError, CheckpointError, ConfigError, ProblemError  # noqa: E402 - after the thread limits
+from .problem import Problem, list_problems, load_problem  # noqa: E402 - after the thread limits
 
 __all__ = ["envs", "AslaError", "CalculatorError", "CheckpointError", "ConfigError", "Problem", "ProblemError",
            "list_problems", "load_problem", "__version__"]
 
 # Gymnasium ids asla/<problem>-v0 exist as soon as asla is imported, as `gymnasium.make` users expect.
-from . import envs as envs  # noqa: E402
+from . import envs as envs  # noqa: E402 - registers the Gymnasium ids once asla is importable

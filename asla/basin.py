@@ -33,7 +33,7 @@ def relax(problem: Problem, atoms: Atoms, fmax: float = 0.05, steps: int = 1000)
     return work
 
 
-def relaxed_energy(problem: Problem, atoms: Atoms, **kwargs) -> float:  # noqa: ANN003
+def relaxed_energy(problem: Problem, atoms: Atoms, **kwargs) -> float:
     return float(relax(problem, atoms, **kwargs).info["relaxed_energy"])
 
 

@@ -69,7 +69,7 @@ def _make_context(problem: Problem) -> _Context:
     return _Context(dmin, dmax, too_close, near, image, n_channels, kernel)
 
 
-def _smear_kernel(grid, width: float) -> np.ndarray:  # noqa: ANN001
+def _smear_kernel(grid, width: float) -> np.ndarray:
     """Gaussian of `width` A over pixel offsets (di, dj), cut at 3 widths.
 
     Distances between grid points depend only on their pixel offset, so smearing is a convolution
@@ -84,7 +84,7 @@ def _smear_kernel(grid, width: float) -> np.ndarray:  # noqa: ANN001
     return g.astype(np.float32)
 
 
-def _smeared(image: np.ndarray, grid, kernel: np.ndarray | None) -> np.ndarray:  # noqa: ANN001
+def _smeared(image: np.ndarray, grid, kernel: np.ndarray | None) -> np.ndarray:
     """Channels (C, na, nb) of one-hot atoms convolved with the smear kernel, capped at 1."""
     if kernel is None:
         return image

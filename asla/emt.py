@@ -109,7 +109,7 @@ def candidate_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, ra
     return _sorted_pairs(n, i[keep], j[keep], offsets[:, keep])
 
 
-def _close(a, b, tol: float) -> bool:  # noqa: ANN001
+def _close(a, b, tol: float) -> bool:
     """``ase.calculators.calculator.equal(a, b, atol=tol)`` (np.allclose, rtol 0), without isclose's cost."""
     a = np.asarray(a)
     b = np.asarray(b)
@@ -147,12 +147,12 @@ class EMT(_AseEMT):
 
     default_parameters = {"asap_cutoff": False, "skin": 0.8}
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003 - ASE's keywords
+    def __init__(self, **kwargs) -> None:  # ASE's keywords
         self._table: dict | None = None
         self._pairs_cache: dict | None = None
         super().__init__(**kwargs)
 
-    def initialize(self, atoms) -> None:  # noqa: ANN001 - ASE's signature
+    def initialize(self, atoms) -> None:  # ASE's signature
         super().initialize(atoms)  # ASE: rc, rc_list, acut, par, chi, ia2iz
         self.nl = None  # ASE's NeighborList is replaced by candidate_pairs
         par = self.par
@@ -164,7 +164,7 @@ class EMT(_AseEMT):
         }
         self._pairs_cache = None
 
-    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:  # noqa: ANN001
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
         """ASE's compare_atoms with a cheaper closeness test (it costs more than the EMT itself)."""
         old = self.atoms
         if old is None:
@@ -184,7 +184,7 @@ class EMT(_AseEMT):
         return changes
 
     # -- neighbour pairs -------------------------------------------------------------------
-    def _pairs(self, atoms) -> dict:  # noqa: ANN001
+    def _pairs(self, atoms) -> dict:
         """Candidate pairs with their per-pair parameters, rebuilt only when the skin is used up."""
         positions = atoms.positions
         cell = atoms.cell.array
@@ -214,7 +214,7 @@ class EMT(_AseEMT):
         return c
 
     # -- energy, forces, stress ------------------------------------------------------------
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:  # noqa: ANN001
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         Calculator.calculate(self, atoms, properties, system_changes)
         if "numbers" in system_changes or self._table is None:
             self.initialize(self.atoms)

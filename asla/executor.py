@@ -88,7 +88,7 @@ class Executor:
         return results  # type: ignore[return-value]
 
 
-def _merge_into(evaluator: EnergyEvaluator, atoms: Atoms, key, ev: Evaluation) -> None:  # noqa: ANN001
+def _merge_into(evaluator: EnergyEvaluator, atoms: Atoms, key, ev: Evaluation) -> None:
     """Account a worker's evaluation in the driver: count, cache, failure log (failures/), and the problem's fault
     policy for a structure whose worker died (a calculator error under ``faults.on_error: raise`` is raised in the
     worker already)."""
@@ -97,7 +97,7 @@ def _merge_into(evaluator: EnergyEvaluator, atoms: Atoms, key, ev: Evaluation) -
     if evaluator.use_cache and key is not None:
         evaluator.cache[key] = ev.energy if ev.ok else math.nan
     if not ev.ok:
-        evaluator._record_failure(atoms, ev.error or "unknown failure")  # noqa: SLF001 - same package
+        evaluator._record_failure(atoms, ev.error or "unknown failure")  # same package
         if ev.error and ev.error.startswith(WORKER_DIED) and evaluator.problem.faults.on_error == "raise":
             raise CalculatorError(ev.error)
 
@@ -178,7 +178,7 @@ class ProcessExecutor(Executor):
         if pool is None:
             return how
         try:
-            for proc in list((pool._processes or {}).values()):  # noqa: SLF001 - the pool exposes no exit codes
+            for proc in list((pool._processes or {}).values()):  # the pool exposes no exit codes
                 proc.join(1.0)
                 code = proc.exitcode
                 if code is not None and code != -signal.SIGTERM:  # the pool terminates the survivors itself
@@ -190,7 +190,7 @@ class ProcessExecutor(Executor):
         return how
 
     def pids(self) -> list[int]:
-        return list(self._pool()._processes) if self.pool else []  # noqa: SLF001
+        return list(self._pool()._processes) if self.pool else []
 
     def close(self) -> None:
         if self.pool is not None:

@@ -119,7 +119,7 @@ def previous_results(path: Path) -> list[dict]:
     try:
         results = json.loads(path.read_text())["results"]
         for r in results:
-            r["problem"], r["builder"], r["seed"], r["rows"], r["command"]  # noqa: B018 - the fields reused
+            r["problem"], r["builder"], r["seed"], r["rows"], r["command"]  # the fields reused
         return results
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"basin_odds.py: error: --out: {path} is not a basin_odds result ({err}); "

@@ -39,7 +39,7 @@ def rollout(env: AtomBuildEnv, rng: np.random.Generator, seconds: float, evaluat
     return steps / dt, episodes / dt
 
 
-def _fake(atoms):  # noqa: ANN001, ANN202 - a zero-cost stand-in for the calculator
+def _fake(atoms):  # a zero-cost stand-in for the calculator
     from asla.reward import Evaluation
     return Evaluation(energy=0.0, ok=True, n_calls=0, seconds=0.0, atoms=atoms)
 

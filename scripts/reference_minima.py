@@ -100,7 +100,7 @@ class Search:
                 cur, cur_e = relaxed, e
 
 
-def motif_species(p) -> tuple[str, str] | str:  # noqa: ANN001 - an asla Problem
+def motif_species(p) -> tuple[str, str] | str:  # an asla Problem
     """The two species of the overlayer motif (the template's top-layer metal, one atom per top site, and one
     other element, at most one per top site), or the one-line reason the motif does not apply."""
     if not len(p.template):

@@ -183,7 +183,7 @@ def _overrides(summary: dict) -> dict:
     return yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text()).get("problem_overrides", {})
 
 
-def _write_outputs(report: dict, runs: Path, target_p, out: Path) -> None:  # noqa: ANN001
+def _write_outputs(report: dict, runs: Path, target_p, out: Path) -> None:
     (out / "transfer.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     budget = max(r["evaluations"] for r in report["scratch"] + report["transfer"])
     _plot(report, budget, out / "transfer.png")

@@ -97,7 +97,7 @@ def _forward_from_card(card: dict, weights: dict, obs: np.ndarray) -> np.ndarray
     arch = card["architecture"]
     act = {"silu": F.silu}[arch["activation"]]
 
-    def conv(x, name, spec):  # noqa: ANN001, ANN202
+    def conv(x, name, spec):
         if spec.get("padding", 0):
             p = spec["padding"]
             x = F.pad(x, (p, p, p, p), mode="circular" if spec["padding_mode"] == "circular" else "constant")
@@ -123,7 +123,7 @@ def test_card_and_weights_alone_rebuild_the_q_values(tmp_path, periodic, global_
     card = json.loads((tmp_path / "a.json").read_text())
     with safe_open(tmp_path / "a.safetensors", framework="pt") as f:
         meta = f.metadata()
-        weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+        weights = {k: f.get_tensor(k) for k in f.keys()}  # safe_open has no iteration
     assert meta["format"] == "asla-agent" and meta["architecture"] == card["architecture"]["name"]
     assert json.loads(meta["network"]) == card["network"] and json.loads(meta["species"]) == problem.species
     rng = np.random.default_rng(0)

@@ -167,7 +167,7 @@ def test_online_check_relaxes_a_descent_by_its_start_and_its_end_and_the_offline
     in_basin_key = structure_key(steps[-1])  # only the descent's end relaxes into the basin
     relaxed = []
 
-    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202
+    def fake_relax(problem, atoms):
         relaxed.append(structure_key(atoms))
         done = atoms.copy()
         done.info["relaxed_energy"] = ref if relaxed[-1] == in_basin_key else ref + 1.0
@@ -422,7 +422,7 @@ def test_every_script_and_the_report_judge_by_the_one_definition_of_found(monkey
     minimum = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
     calls = []
 
-    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202 - every verdict is "in the basin", at ref + 0.01
+    def fake_relax(problem, atoms):  # every verdict is "in the basin", at ref + 0.01
         calls.append(len(atoms))
         done = minimum.copy()
         done.info["relaxed_energy"] = ref + 0.01
@@ -461,7 +461,7 @@ def test_strict_criterion_tells_a_distinct_arrangement_inside_the_energy_window_
     distinct.positions[o, 0] += minimum.cell[0, 0] / 4
     assert not judge.same_structure(problem, distinct, minimum)
 
-    def fake_relax(problem, atoms):  # noqa: ANN001, ANN202 - the trace's rows relax to themselves
+    def fake_relax(problem, atoms):  # the trace's rows relax to themselves
         done = atoms.copy()
         done.info["relaxed_energy"] = ref + (0.017 if atoms is distinct else 0.0)
         return done

@@ -123,7 +123,7 @@ def test_every_argument_has_help_text():
     captured = {}
     real = argparse.ArgumentParser.parse_args
 
-    def grab(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
+    def grab(self, args=None, namespace=None):  # argparse's own signature
         captured["parser"] = self
         raise SystemExit(0)
     argparse.ArgumentParser.parse_args = grab

@@ -52,7 +52,7 @@ def test_dead_worker_task_is_retried():
         time.sleep(0.5)
         os.kill(ex.pids()[0], signal.SIGKILL)
 
-    ex._pool()  # start workers so there is a pid to kill  # noqa: SLF001
+    ex._pool()  # start workers so there is a pid to kill
     killer = threading.Thread(target=kill_one)
     killer.start()
     results = ex.evaluate_many(evaluator, atoms, keys)

@@ -22,7 +22,7 @@ F_TOL = 1e-9  # eV/A
 S_TOL = 1e-10  # eV/A^3
 
 
-def _both(atoms: Atoms, stress: bool = False, **kw) -> tuple[dict, dict]:  # noqa: ANN003
+def _both(atoms: Atoms, stress: bool = False, **kw) -> tuple[dict, dict]:
     out = []
     for calc in (AseEMT(**kw), EMT(**kw)):
         a = atoms.copy()

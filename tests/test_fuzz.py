@@ -66,7 +66,7 @@ RECIPE_KEYS = [
 
 @contextmanager
 def time_limit(seconds: int = SECONDS):
-    def hang(signum, frame):  # noqa: ANN001
+    def hang(signum, frame):
         raise TimeoutError(f"an example ran past {seconds} s")
 
     old = signal.signal(signal.SIGALRM, hang)
@@ -97,7 +97,7 @@ def set_dotted(data: dict, key: str, value: object) -> None:
 mutations = st.lists(st.tuples(st.sampled_from(PROBLEM_KEYS), values), min_size=1, max_size=3)
 
 
-def check_problem_invariants(p) -> None:  # noqa: ANN001 - a Problem
+def check_problem_invariants(p) -> None:  # a Problem
     """What an accepted problem promises, whatever the input was."""
     assert isinstance(p.faults.retries, int) and p.faults.retries >= 0
     assert isinstance(p.relax.steps, int) and p.relax.steps >= 0 and p.relax.fmax > 0

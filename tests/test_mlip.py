@@ -19,7 +19,7 @@ PACKAGES = {"chgnet": "chgnet", "sevennet": "sevenn"}
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any network connection fails: the weights must come from the installed wheel."""
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003 - socket.connect's signature
+    def refuse(*args, **kwargs):  # socket.connect's signature
         raise OSError("network access in a test")
     monkeypatch.setattr(socket.socket, "connect", refuse)
 

@@ -33,7 +33,7 @@ def cli(*argv: str, seconds: int = 60) -> tuple[int, str, str]:
     """`asla ARGV` in this process: (exit status, stdout, stderr); a hang fails the test after `seconds`."""
     out, err = io.StringIO(), io.StringIO()
 
-    def hang(signum, frame):  # noqa: ANN001
+    def hang(signum, frame):
         raise TimeoutError(f"asla {' '.join(argv)} still running after {seconds} s")
 
     old = signal.signal(signal.SIGALRM, hang)
@@ -485,7 +485,7 @@ def test_atomic_writes_on_a_full_disk_leave_the_old_file_and_no_temporary_file(t
     atoms.calc = SinglePointCalculator(atoms, energy=1.0)
     write_structures(tmp_path / "best.extxyz", [atoms])
 
-    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003
+    def no_space(*args, **kwargs):
         import errno
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -525,7 +525,7 @@ def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint_intact
 def test_a_database_that_cannot_grow_is_one_line(tmp_path, monkeypatch):
     import sqlite3
 
-    def full(*args, **kwargs):  # noqa: ANN002, ANN003
+    def full(*args, **kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr("asla.agents.training.append_db", full)

@@ -25,8 +25,8 @@ AGOX_METHODS = ("rss", "bh", "gofee")
 def prepare_agox(method: str) -> None:
     """Import AGOX (patched), and for GOFEE start Ray and its pool, before a run's clock starts."""
     patch_agox()
-    import agox.algorithms.basin_hopping  # noqa: F401 - imported off the clock
-    import agox.algorithms.gofee  # noqa: F401 - imported off the clock
+    import agox.algorithms.basin_hopping  # imported off the clock
+    import agox.algorithms.gofee  # imported off the clock
     import agox.algorithms.rss  # noqa: F401 - imported off the clock
     if method == "gofee":
         start_ray_for_agox()

@@ -73,7 +73,7 @@ class Method:
 
 
 def _prepare_asla() -> None:
-    import asla.agents.agent  # noqa: F401 - imported off the clock
+    import asla.agents.agent  # imported off the clock
     import asla.agents.training  # noqa: F401 - imported off the clock
 
 

@@ -62,7 +62,7 @@ class BenchProblem:
         """The folder of the problem's YAML, where its relative paths (e.g. its reference structure) are looked for."""
         return None if self.shipped else Path(self.spec).parent
 
-    def load(self, **overrides) -> Problem:  # noqa: ANN003 - load_problem's dotted overrides
+    def load(self, **overrides) -> Problem:  # load_problem's dotted overrides
         return load_problem(self.spec, **overrides)
 
     def config(self, sets: list[str] | None = None) -> dict:
