@@ -32,6 +32,8 @@ from asla.problem import load_problem
 from asla.render import render_atoms, render_heatmap
 from asla.reward import EnergyEvaluator, Evaluation, RewardScale, rewards
 from asla.storage import append_db, atomic_write_text, open_db, write_json, write_structures
+from asla.surrogate import SurrogateConfig
+from asla.surrogate_eval import SurrogateEvaluation, SurrogateRecord
 
 from . import augmentation
 from .agent import Agent
@@ -105,6 +107,7 @@ class Batch:
     temperature: float
     keys: list[tuple[int, ...]] = field(default_factory=list)  # canonical (symmetry-reduced) keys, one per build
     evaluations: dict[int, Evaluation] = field(default_factory=dict)  # by index into builds; finished builds only
+    surrogate: dict[int, SurrogateRecord] = field(default_factory=dict)  # what the model did, when it is enabled
 
 
 def train(config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
@@ -175,12 +178,29 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.agent.net.parameters(), lr=learn_cfg["lr"],
                                           weight_decay=learn_cfg["weight_decay"])
         self.replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
-        self.evaluator = EnergyEvaluator(problem, failure_dir=self.run_dir / "failures")
+        self.surrogate, real = self.build_surrogate()
+        self.evaluator = EnergyEvaluator(real, failure_dir=self.run_dir / "failures",
+                                         keep_forces=self.surrogate is not None and self.surrogate.config.forces)
         self.scale = RewardScale(quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"],
                                  resolution=learn_cfg["reward_resolution"])
-        self.executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
+        self.executor = make_executor(real, cfg["executor"], cfg["workers"], cfg["ray_address"])
         self.state = TrainState()
         self.database = cfg["database"] or str(self.run_dir / "evaluations.db")
+
+    def build_surrogate(self) -> tuple[SurrogateEvaluation | None, Problem]:
+        """The recipe's surrogate (None when off) and the problem the real calculator evaluates: with a surrogate,
+        the problem with its real relaxation steps off (one real single point per episode; asla.surrogate_eval)."""
+        sur_cfg = SurrogateConfig.from_dict(self.cfg["surrogate"])
+        if not sur_cfg.enabled:
+            return None, self.problem
+        if sur_cfg.screen_candidates > 1:
+            raise ConfigError("surrogate.screen_candidates", "screening at model level is not in the training loop "
+                              "yet; use 1 (every finished build relaxed in the model and evaluated)")
+        if sur_cfg.forces and self.cfg["executor"] != "serial":
+            raise ConfigError("surrogate.forces", f"force training needs executor serial (workers return energies "
+                              f"only), got {self.cfg['executor']}")
+        real = load_problem(self.problem.to_dict(), relax={**self.problem.to_dict().get("relax", {}), "steps": 0})
+        return SurrogateEvaluation(sur_cfg, self.problem), real
 
     def seed_replay(self) -> None:
         """A fresh run starts from the recipe's demonstrations (seed_from_db), if any."""
@@ -247,7 +267,13 @@ class Trainer:
             batch.keys = [build.canonical_key() for build in builds]
             finished = [i for i, build in enumerate(builds) if build.done]
             atoms = [builds[i].atoms() for i in finished]
-            evaluations = self.executor.evaluate_many(self.evaluator, atoms, [batch.keys[i] for i in finished])
+            keys = [batch.keys[i] for i in finished]
+            if self.surrogate is None:
+                evaluations = self.executor.evaluate_many(self.evaluator, atoms, keys)
+            else:  # relaxed in the model first (once it has min_points), then one real single point each
+                evaluations, records = self.surrogate.evaluate(self.executor, self.evaluator, atoms, keys)
+                batch.surrogate = dict(zip(finished, records, strict=True))
+                self.surrogate.log(self.writer, self.state.episodes + len(builds))
             batch.evaluations = dict(zip(finished, evaluations, strict=True))
             self.callbacks.on_evaluated([builds[i] for i in finished], atoms, evaluations)
 
@@ -267,6 +293,8 @@ class Trainer:
                     if ev.atoms is not None and not ev.cached:
                         ev.atoms.info.update({"episode": episode, "builder": builder, "ok": ev.ok,
                                               "seconds": ev.seconds, "n_calls": ev.n_calls})
+                        if builder in batch.surrogate:
+                            ev.atoms.info.update(_surrogate_row(batch.surrogate[builder]))
                         evaluated.append(ev.atoms)
                 else:
                     energy = float("nan")
@@ -360,9 +388,17 @@ class Trainer:
 
     def summarise(self) -> dict:
         """run_dir/summary.json, returned; then the callbacks' on_training_end."""
-        summary = _summary(self.cfg, self.problem, self.state, self.evaluator)
+        summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
         self.callbacks.on_training_end()
+        return summary
+
+    def summary(self) -> dict:
+        """The run summary (summary.json); with a surrogate, its block ``surrogate`` (readiness, fallbacks, time,
+        model error)."""
+        summary = _summary(self.cfg, self.problem, self.state, self.evaluator)
+        if self.surrogate is not None:
+            summary["surrogate"] = self.surrogate.summary()
         return summary
 
     @contextlib.contextmanager
@@ -383,6 +419,8 @@ class Trainer:
         meta = {"format": TRAINER_FORMAT, "optimizer": opt_meta, "replay": self.replay.state_dict(),
                 "evaluator": self.evaluator.state_dict(), "scale": self.scale.state_dict(),
                 "state": self.state.state_dict(), "rng": rng_meta}
+        if self.surrogate is not None:
+            meta["surrogate"] = self.surrogate.state_dict()
         return {**rng_tensors, **opt_tensors}, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -392,6 +430,10 @@ class Trainer:
         self.scale.load_state_dict(meta["scale"])
         self.state.load_state_dict(meta["state"])
         load_rng_state_dict(self.rng, tensors, meta["rng"])
+        if self.surrogate is not None:
+            if "surrogate" not in meta:
+                raise CheckpointError("the checkpoint holds no surrogate state, but the recipe enables the surrogate")
+            self.surrogate.load_state_dict(meta["surrogate"])
 
     def save_checkpoint(self) -> None:
         """Write everything into a fresh directory, let the callbacks add theirs, then move the 'latest' pointer
@@ -414,7 +456,7 @@ class Trainer:
             (self.run_dir / f".{f}.tmp").replace(self.run_dir / f)
         for old in sorted(ckdir.glob("ckpt-*"))[:-2]:  # keep the newest two
             shutil.rmtree(old, ignore_errors=True)
-        write_json(self.run_dir / "summary.json", _summary(cfg, self.problem, s, self.evaluator))
+        write_json(self.run_dir / "summary.json", self.summary())
 
     def load_checkpoint(self) -> None:
         """The last published checkpoint; database rows written after it are dropped (they will be made again)."""
@@ -552,6 +594,17 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
     for s, sym in enumerate(problem.species):
         for layer in range(problem.grid.n_layers):
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
+
+
+def _surrogate_row(record: SurrogateRecord) -> dict:
+    """evaluations.db columns of a structure evaluated with the surrogate on: relaxed in the model or not, and the
+    model's energy and sigma of it (absent while the model has no data)."""
+    row: dict = {"surrogate_relaxed": bool(record.relaxed), "surrogate_steps": int(record.steps)}
+    if math.isfinite(record.predicted):
+        row["surrogate_energy"] = float(record.predicted)
+    if math.isfinite(record.sigma):
+        row["surrogate_sigma"] = float(record.sigma)
+    return row
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -30,7 +30,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,11 @@ from ase.constraints import FixAtoms
 from ase.data import covalent_radii
 from ase.geometry import get_distances
 
+from . import schema
 from .errors import ConfigError
 from .problem import Problem
 from .reward import KeepInRegion
+from .schema import option
 
 MODELS = ("gpr", "sgpr", "delta-gpr", "calculator")
 DESCRIPTORS = ("fingerprint", "soap")
@@ -55,61 +57,57 @@ OPTIMIZERS = ("BFGS", "LBFGS", "FIRE")
 
 @dataclass
 class SurrogateConfig:
-    """The ``surrogate:`` block of a recipe: which model, when it is trusted, how builds are relaxed in it."""
+    """The ``surrogate:`` block of a recipe: which model, when it is trusted, how builds are relaxed in it.
 
-    enabled: bool = False
-    """Relax finished builds in the model before their real single point (off: every build is a plain evaluation)."""
-    model: str = "gpr"
-    """Backend: gpr (global GPR, energies), sgpr (sparse GPR, optional forces), delta-gpr (GPR on a physics prior),
-    calculator (a fixed ASE calculator as pre-relaxer)."""
-    descriptor: str = "fingerprint"
-    """sgpr only: fingerprint (global, GOFEE's) or soap (local, dscribe)."""
-    forces: bool = False
-    """sgpr only: train on the real forces as well as energies (3N more rows per structure)."""
-    calculator: dict | None = None
-    """delta-gpr and calculator: the physics model, as a problem's calculator section ({name: emt}, an import path)."""
-    min_points: int = 20
-    """Real evaluations the model needs before builds are relaxed in it; below, builds get plain single points."""
-    steps: int = 100
-    """Maximum optimiser steps of one relaxation in the model (AGOX's GOFEE relaxer: 100)."""
-    fmax: float = 0.05
-    """Force convergence of the relaxation in the model (eV/A)."""
-    optimizer: str = "BFGS"
-    """ASE optimiser of the relaxation in the model: BFGS (GOFEE's), LBFGS or FIRE."""
-    refit_every: int = 10
-    """New real evaluations between hyperparameter optimisations; in between the GP is conditioned on each new point
-    at fixed hyperparameters (cheap)."""
-    kappa: float = 2.0
-    """Weight of sigma in the lower-confidence-bound acquisition E - kappa*sigma (GOFEE: 2)."""
-    relax_in_acquisition: bool = False
-    """Relax in E - kappa*sigma (GOFEE) instead of the predicted energy E."""
-    screen_candidates: int = 1
-    """Builds proposed and relaxed in the model per real-evaluation round (1: no screening)."""
-    screen_k: int = 1
-    """Of those, the best k by the acquisition get a real evaluation."""
-    fallback: str = "build"
-    """When a relaxation diverges: build (evaluate the unrelaxed build) or last_good (the last step that passed)."""
-    min_distance: float = 0.6
-    """Divergence: two atoms closer than this fraction of the sum of their covalent radii."""
-    floor_per_atom: float = 2.0
-    """Divergence: model energy below the lowest real evaluation's (model scale) minus this many eV per placed atom."""
+    Declared in the recipe schema's style (`asla.schema`: type, range, default, one-line doc per field), so the
+    recipe checks it field by field; `validate` adds the checks between fields (a model and what it needs).
+    """
+
+    enabled: bool = option(False, "relax each finished build in a model fitted on the run's real evaluations, then "
+                           "one real single point of it is the reward; the problem's real relaxation steps are off "
+                           "while enabled (docs/surrogate.md)", "bool")
+    model: str = option("gpr", "gpr (AGOX's global GPR, energies), sgpr (sparse GPR, optional forces), delta-gpr "
+                        "(GPR on a physics prior), calculator (a fixed ASE calculator as pre-relaxer)", "choice",
+                        choices=MODELS)
+    descriptor: str = option("fingerprint", "sgpr only: fingerprint (global, GOFEE's) or soap (local, dscribe)",
+                             "choice", choices=DESCRIPTORS)
+    forces: bool = option(False, "sgpr only: train on the real forces as well as energies", "bool")
+    calculator: dict | None = option(None, "delta-gpr and calculator: the physics model, as a problem's calculator "
+                                     "section ({name: emt} or an import path)", "mapping", nullable=True)
+    min_points: int = option(20, "real evaluations the model needs before builds are relaxed in it (before: plain "
+                             "single points)", "int", minimum=0, maximum=10**9)
+    steps: int = option(100, "most optimiser steps of one relaxation in the model (AGOX's GOFEE relaxer: 100)",
+                        "int", minimum=1, maximum=10**6)
+    fmax: float = option(0.05, "force convergence of the relaxation in the model (eV/A)", "number", minimum=0.0,
+                         exclusive_minimum=True)
+    optimizer: str = option("BFGS", "ASE optimiser of the relaxation in the model", "choice", choices=OPTIMIZERS)
+    refit_every: int = option(10, "new real evaluations between hyperparameter optimisations (in between the GP is "
+                              "conditioned on new points at fixed hyperparameters)", "int", minimum=1, maximum=10**9)
+    kappa: float = option(2.0, "weight of sigma in the acquisition E - kappa*sigma (GOFEE: 2)", "number",
+                          minimum=0.0)
+    relax_in_acquisition: bool = option(False, "relax in E - kappa*sigma (GOFEE) instead of the predicted energy E",
+                                        "bool")
+    screen_candidates: int = option(1, "builds proposed and relaxed in the model per real evaluation round (1: no "
+                                    "screening)", "int", minimum=1, maximum=4096)
+    screen_k: int = option(1, "of those, the best k by the acquisition get a real evaluation", "int", minimum=1,
+                           maximum=4096)
+    fallback: str = option("build", "when a relaxation in the model diverges: build (real single point of the "
+                           "unrelaxed build) or last_good (of the last step that passed the checks)", "choice",
+                           choices=FALLBACKS)
+    min_distance: float = option(0.6, "divergence: two atoms closer than this fraction of their covalent radii",
+                                 "number", minimum=0.0, exclusive_minimum=True)
+    floor_per_atom: float = option(2.0, "divergence: model energy below the lowest real energy minus this many eV "
+                                   "per placed atom", "number", minimum=0.0, exclusive_minimum=True)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> SurrogateConfig:
         """The block from a recipe mapping (missing keys take their defaults), validated."""
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError("surrogate", f"must be a mapping of surrogate fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"surrogate.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(known))}")
-        cfg = cls(**data)
+        cfg = schema.from_mapping(cls, {} if data is None else data, "surrogate.", ConfigError)
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return schema.to_mapping(self)
 
     def relax_kwargs(self) -> dict:
         """What this block sets of `surrogate_relax`: ``surrogate_relax(p, a, s, **cfg.relax_kwargs())``."""
