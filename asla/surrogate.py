@@ -592,12 +592,12 @@ def surrogate_relax(problem: Problem, atoms: Atoms, surrogate: Surrogate, steps:
     placed = np.arange(n_template, len(build))
     work = build.copy()
     work.set_constraint([FixAtoms(indices=range(n_template)), KeepInRegion(placed, zmin, zmax)])
-    work.calc = surrogate.calculator(kappa)
     checker = _DivergenceCheck(problem, build, placed, zmin, zmax, min_distance)
     energies: list[float] = []
     good = build.positions.copy()
     reason, diverged, n_steps, energy_start = None, False, 0, math.nan
     try:
+        work.calc = surrogate.calculator(kappa)  # a model that cannot even give a calculator is a divergence too
         from ase import optimize
         opt = getattr(optimize, optimizer)(work, logfile=None)
         energy_start = surrogate.predict(build).energy
