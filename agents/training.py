@@ -52,6 +52,8 @@ from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
 
 if TYPE_CHECKING:
+    from ase import Atoms
+
     from asla.builder import BuildState
     from asla.problem import Problem
 
@@ -193,9 +195,10 @@ class Trainer:
         sur_cfg = SurrogateConfig.from_dict(self.cfg["surrogate"])
         if not sur_cfg.enabled:
             return None, self.problem
-        if sur_cfg.screen_candidates > 1:
-            raise ConfigError("surrogate.screen_candidates", "screening at model level is not in the training loop "
-                              "yet; use 1 (every finished build relaxed in the model and evaluated)")
+        if sur_cfg.screen_candidates > 1 and sur_cfg.screen_candidates != self.cfg["n_builders"]:
+            raise ConfigError("surrogate.screen_candidates", f"the candidates of a screening round are one "
+                              f"iteration's builds: set n_builders to it too (n_builders {self.cfg['n_builders']}, "
+                              f"screen_candidates {sur_cfg.screen_candidates})")
         if sur_cfg.forces and self.cfg["executor"] != "serial":
             raise ConfigError("surrogate.forces", f"force training needs executor serial (workers return energies "
                               f"only), got {self.cfg['executor']}")
@@ -271,9 +274,12 @@ class Trainer:
             if self.surrogate is None:
                 evaluations = self.executor.evaluate_many(self.evaluator, atoms, keys)
             else:  # relaxed in the model first (once it has min_points), then one real single point each
-                evaluations, records = self.surrogate.evaluate(self.executor, self.evaluator, atoms, keys)
+                screened, records = self.surrogate.evaluate(self.executor, self.evaluator, atoms, keys)
                 batch.surrogate = dict(zip(finished, records, strict=True))
                 self.surrogate.log(self.writer, self.state.episodes + len(builds))
+                kept = [j for j, ev in enumerate(screened) if ev is not None]  # screening: the best k only
+                finished, atoms = [finished[j] for j in kept], [records[j].atoms for j in kept]
+                evaluations = [screened[j] for j in kept]
             batch.evaluations = dict(zip(finished, evaluations, strict=True))
             self.callbacks.on_evaluated([builds[i] for i in finished], atoms, evaluations)
 
@@ -282,10 +288,14 @@ class Trainer:
         the new energies into the reward scale, the evaluated structures into the database."""
         with self._timed("calculator"):
             s, evaluations = self.state, batch.evaluations
-            evaluated = []
+            evaluated, screened, real_energies = [], [], []
             spent = self.evaluator.n_calls - sum(ev.n_calls for ev in evaluations.values())  # before this batch
             for builder, build in enumerate(batch.builds):
                 episode = s.episodes
+                if build.done and builder not in evaluations:  # screened out at model level, no real energy
+                    screened.append(self._record_screened(batch, builder, episode))
+                    s.episodes += 1
+                    continue
                 if build.done:
                     ev = evaluations[builder]
                     spent += ev.n_calls  # evaluations up to and including this build, as it happened
@@ -300,12 +310,33 @@ class Trainer:
                     energy = float("nan")
                     s.dead_ends += 1
                 self.replay.add(Episode(list(build.actions), energy, batch.keys[builder], episode))
+                real_energies.append(energy)
                 s.episodes += 1
                 if math.isfinite(energy):
                     self._record_energy(energy, list(build.actions), spent)
-            self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
+            if screened:  # screening: only the real energies move the reward scale
+                self.scale.update(real_energies)
+            else:
+                self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
+            evaluated += [a for a in screened if a is not None]
             if evaluated and self.cfg["record_evaluations"]:
                 append_db(self.database, evaluated, run=self.run_dir.name)
+
+    def _record_screened(self, batch: Batch, builder: int, episode: int) -> Atoms | None:
+        """A build screened out at model level: dropped, or (surrogate.train_on_screened) an episode with its model
+        energy, marked surrogate in the replay buffer, and its relaxed structure for the database, marked too."""
+        record = batch.surrogate[builder]
+        if not self.surrogate.config.train_on_screened or not math.isfinite(record.predicted):
+            return None
+        build = batch.builds[builder]
+        self.replay.add(Episode(list(build.actions), float(record.predicted), batch.keys[builder], episode,
+                                surrogate=True))
+        from ase.calculators.singlepoint import SinglePointCalculator
+        atoms = record.atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(record.predicted))
+        atoms.info.update({"episode": episode, "builder": builder, "ok": True, "n_calls": 0, "surrogate_only": True,
+                           **_surrogate_row(record)})
+        return atoms
 
     def _record_energy(self, energy: float, actions: list[int], spent: int) -> None:
         s = self.state

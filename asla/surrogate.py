@@ -91,6 +91,8 @@ class SurrogateConfig:
                                     "screening)", "int", minimum=1, maximum=4096)
     screen_k: int = option(1, "of those, the best k by the acquisition get a real evaluation", "int", minimum=1,
                            maximum=4096)
+    train_on_screened: bool = option(False, "screened-out builds train the agent on their model energies (marked "
+                                     "surrogate in the replay buffer and evaluations.db); false: dropped", "bool")
     fallback: str = option("build", "when a relaxation in the model diverges: build (real single point of the "
                            "unrelaxed build) or last_good (of the last step that passed the checks)", "choice",
                            choices=FALLBACKS)

@@ -23,14 +23,14 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
 
 from .problem import Problem
 from .reward import EnergyEvaluator, Evaluation
-from .surrogate import SurrogateConfig, make_surrogate, surrogate_relax
+from .surrogate import Prediction, SurrogateConfig, make_surrogate, rank_by_acquisition, surrogate_relax
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ class SurrogateRecord:
     steps: int = 0  # optimiser steps in the model
     reason: str | None = None  # why it was not relaxed, or why the relaxation stopped early
     diverged: bool = False  # the relaxation diverged and fell back (surrogate.fallback)
+    screened_out: bool = False  # screening kept it from a real evaluation (only its model energy is known)
+    atoms: Atoms | None = field(default=None, repr=False)  # the structure that was (or would have been) evaluated
 
 
 def _stats() -> dict:
-    return {"relaxed": 0, "plain": 0, "fallbacks": 0, "fallback_reasons": {}, "relax_seconds": 0.0,
-            "fit_seconds": 0.0, "fit_failures": 0, "ready_at_evaluations": None, "errors": []}
+    return {"relaxed": 0, "plain": 0, "screened_out": 0, "fallbacks": 0, "fallback_reasons": {},
+            "relax_seconds": 0.0, "fit_seconds": 0.0, "fit_failures": 0, "ready_at_evaluations": None, "errors": []}
 
 
 class SurrogateEvaluation:
@@ -68,9 +70,13 @@ class SurrogateEvaluation:
         return self.model.is_ready(self.config.min_points)
 
     def evaluate(self, executor, evaluator: EnergyEvaluator, atoms: Sequence[Atoms],  # noqa: ANN001
-                 keys: Sequence[tuple[int, ...] | None]) -> tuple[list[Evaluation], list[SurrogateRecord]]:
+                 keys: Sequence[tuple[int, ...] | None]) -> tuple[list[Evaluation | None], list[SurrogateRecord]]:
         """Real evaluations of the finished builds `atoms` (each relaxed in the model when it is ready) and what
-        the model did to each; then the model learns from the new real evaluations."""
+        the model did to each; then the model learns from the new real evaluations.
+
+        Screening (``screen_candidates`` > 1, model ready): only the ``screen_k`` builds with the lowest
+        E - kappa*sigma of their relaxed structures are evaluated; the others get None and a record marked
+        ``screened_out`` (GOFEE's "many candidates at model level, one at DFT level")."""
         t0 = time.perf_counter()
         ready = self.ready
         targets, target_keys, records = [], [], []
@@ -79,14 +85,26 @@ class SurrogateEvaluation:
                 record, structure = self._relax(a)
             else:
                 record, structure = self._plain(a), a
+            record.atoms = structure
             records.append(record)
             targets.append(structure)
             target_keys.append(None if record.relaxed else key)  # a relaxed structure is not the grid build
+        chosen = list(range(len(atoms)))
+        k = self.config.screen_k
+        if ready and self.config.screen_candidates > 1 and len(atoms) > k:
+            preds = [Prediction(r.predicted, r.sigma) for r in records]
+            chosen = sorted(rank_by_acquisition(preds, self.config.kappa, k))
+            for i in set(range(len(atoms))) - set(chosen):
+                records[i].screened_out = True
+                self.stats["screened_out"] += 1
         relax_seconds = time.perf_counter() - t0
-        evaluations = executor.evaluate_many(evaluator, targets, target_keys)
-        errors = self._record_errors(evaluations, records, evaluator.n_calls)
+        real = executor.evaluate_many(evaluator, [targets[i] for i in chosen], [target_keys[i] for i in chosen])
+        evaluations: list[Evaluation | None] = [None] * len(atoms)
+        for i, ev in zip(chosen, real, strict=True):
+            evaluations[i] = ev
+        errors = self._record_errors(real, [records[i] for i in chosen], evaluator.n_calls)
         t1 = time.perf_counter()
-        fresh = [ev.atoms for ev in evaluations if ev.ok and not ev.cached and ev.atoms is not None]
+        fresh = [ev.atoms for ev in real if ev.ok and not ev.cached and ev.atoms is not None]
         try:
             self.model.update(fresh)
         except Exception as exc:  # noqa: BLE001 - a model that cannot fit falls back to plain points, not a crash
@@ -158,7 +176,8 @@ class SurrogateEvaluation:
 
         return {"model": self.model.name, "min_points": self.config.min_points, "points": self.model.n_points,
                 "ready": self.ready, "ready_at_evaluations": s["ready_at_evaluations"], "relaxed": s["relaxed"],
-                "plain": s["plain"], "fallbacks": s["fallbacks"], "fallback_reasons": dict(s["fallback_reasons"]),
+                "plain": s["plain"], "screened_out": s["screened_out"], "fallbacks": s["fallbacks"],
+                "fallback_reasons": dict(s["fallback_reasons"]),
                 "fit_failures": s["fit_failures"],
                 "relax_seconds": s["relax_seconds"], "fit_seconds": s["fit_seconds"],
                 "model_error_mae": mae(err), "model_error_mae_last50": mae(err[-50:]),

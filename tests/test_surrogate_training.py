@@ -52,10 +52,11 @@ def test_recipe_block_is_off_by_default_and_errors_name_the_field():
         load_config({"problem": "tiny-pd2o", "surrogate": True})
 
 
-def test_screening_in_the_loop_is_refused_in_one_line(tmp_path):
-    cfg = tiny_cfg(["surrogate.enabled=true", "surrogate.screen_candidates=4", "surrogate.screen_k=1"])
-    with pytest.raises(ConfigError, match=r"^surrogate.screen_candidates: screening"):
+def test_screening_needs_one_iteration_of_candidates(tmp_path):
+    cfg = tiny_cfg(["surrogate.enabled=true", "surrogate.screen_candidates=8", "surrogate.screen_k=1"])
+    with pytest.raises(ConfigError, match=r"^surrogate.screen_candidates: .*n_builders 4, screen_candidates 8"):
         train(cfg, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ---- the evaluator keeps forces when asked -------------------------------------------------------------
@@ -156,6 +157,36 @@ def test_a_failing_model_falls_back_to_the_build_and_is_counted(monkeypatch):
     assert evaluations[0].ok and np.allclose(evaluations[0].atoms.positions, new.atoms().positions)
     summary = step.summary()
     assert summary["fallbacks"] == 1 and summary["fallback_reasons"] == {"model failed": 1}
+
+
+# ---- screening at model level ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train_on_screened", [False, True])
+def test_screening_spends_real_evaluations_on_the_best_k_only(tmp_path, train_on_screened):  # noqa: ANN001
+    run = tmp_path / "run"
+    sets = ["surrogate.enabled=true", "surrogate.min_points=8", "surrogate.steps=20", "surrogate.screen_candidates=4",
+            "surrogate.screen_k=1", f"surrogate.train_on_screened={str(train_on_screened).lower()}"]
+    trainer = Trainer(tiny_cfg(sets, episodes=32, seed=4), run_dir=run, progress=False)
+    summary = trainer.run()
+    block = summary["surrogate"]
+    ready_at = block["ready_at_evaluations"]
+    assert ready_at is not None and 8 <= ready_at <= 12
+    # before ready every build is evaluated; after, one real evaluation per iteration of four builds
+    iterations_after = (32 - ready_at) // 4
+    assert summary["energy_evaluations"] <= ready_at + iterations_after
+    assert block["screened_out"] == 3 * iterations_after
+    surrogate_episodes = [ep for ep in trainer.replay.recent if ep.surrogate]
+    assert all(not ep.surrogate for ep in trainer.replay.best)
+    from ase.db import connect
+    rows = list(connect(str(run / "evaluations.db")).select())
+    only = [r for r in rows if r.get("surrogate_only")]
+    assert len(rows) - len(only) == summary["structures_evaluated"]
+    if train_on_screened:
+        assert len(surrogate_episodes) == block["screened_out"] == len(only)
+        assert all(math.isclose(r.energy, r.surrogate_energy) and r.n_calls == 0 for r in only)
+    else:
+        assert not surrogate_episodes and not only
+        assert len(trainer.replay.recent) == 32 - block["screened_out"]
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
