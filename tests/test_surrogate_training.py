@@ -207,3 +207,29 @@ def test_resume_with_the_surrogate_is_bit_for_bit(tmp_path):
     strip = ("relax_seconds", "fit_seconds")
     assert {k: v for k, v in resumed["surrogate"].items() if k not in strip} == \
         {k: v for k, v in full["surrogate"].items() if k not in strip}
+
+
+# ---- the issue's seeded test: fewer real evaluations to the relaxed minimum ---------------------------------
+
+TINY_RELAXED_MINIMUM = 3.151315  # eV: lowest BFGS relaxation (fmax 0.05, template fixed) of all 138 distinct builds
+TOLERANCE = 0.02  # eV: a reward's real energy this close to it has reached the minimum
+
+
+def _evaluations_to_minimum(sets: list[str], run_dir) -> int | None:  # noqa: ANN001
+    """Real evaluations spent when a reward energy first lay within TOLERANCE of the relaxed minimum."""
+    from pathlib import Path
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny-pd2o.yaml"
+    summary = train(load_config(recipe, ["seed=3", "episodes=60", *sets]), run_dir=run_dir, progress=False)
+    return next((h["evaluations"] for h in summary["history"]
+                 if h["energy"] <= TINY_RELAXED_MINIMUM + TOLERANCE), None)
+
+
+def test_surrogate_reaches_the_relaxed_minimum_in_fewer_real_evaluations(tmp_path):
+    """tiny-pd2o, seed 3, both judged alike: ASLA with ten real LBFGS steps per build (11 evaluations each)
+    against ASLA + surrogate (one real single point per model-relaxed build). Measured (docs/surrogate.md): 252
+    against 36 evaluations. This holds for seeds 1 and 3 of the four measured, not for seed 0 (33 against none
+    within 148), seed 2 undecided: a regression guard for one seed, not a claim that the surrogate always wins."""
+    real = _evaluations_to_minimum(["problem_overrides.relax.steps=10"], tmp_path / "real")
+    surrogate = _evaluations_to_minimum(["surrogate.enabled=true", "surrogate.min_points=8"], tmp_path / "surrogate")
+    assert surrogate is not None, "the surrogate run did not reach the relaxed minimum"
+    assert real is None or surrogate < real, (surrogate, real)
