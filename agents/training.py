@@ -1,8 +1,9 @@
 """Training loop (CleanRL style: it reads top to bottom, `Trainer.run`, in named steps).
 
 Each iteration: n_builders builds in lockstep (one batched forward pass per step, ε-greedy over
-legal actions) (rollout), the finished structures go to the calculator (evaluate), their episodes
-into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
+legal actions) (rollout), the finished structures go to the calculator (evaluate; with the recipe's
+``surrogate:`` block each is first relaxed in a model of the run's real evaluations, asla.surrogate_eval),
+their episodes into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
 Monte-Carlo targets (the episode's reward for every step of it), each sample transformed by a random
 lattice symmetry (learn); TensorBoard (log); a checkpoint when due. Callbacks
 (`asla.agents.callbacks`) see every iteration and hold the stop rules.
@@ -264,7 +265,8 @@ class Trainer:
         return Batch(builds, epsilon, temperature)
 
     def evaluate(self, batch: Batch) -> None:
-        """The finished structures to the calculator (through the executor; cache hits are answered here)."""
+        """The finished structures to the calculator (through the executor; cache hits are answered here). With a
+        surrogate, each is relaxed in the model first (once it is ready) and screening may keep some from it."""
         with self._timed("calculator"):
             builds = batch.builds
             batch.keys = [build.canonical_key() for build in builds]
