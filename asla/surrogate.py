@@ -21,7 +21,8 @@ interface in AGOX. The models are AGOX's own, not rewritten here:
   when the real calculator is DFT); it does not learn, and has no uncertainty (sigma 0).
 
 `surrogate_relax` relaxes one build in a model and falls back to the unrelaxed build, saying why, when the model
-has too little data or the relaxation diverges. `SurrogateConfig` is the proposed ``surrogate:`` recipe block.
+has too little data or the relaxation diverges. `SurrogateConfig` is the recipe's ``surrogate:`` block
+(`Recipe.surrogate`); the training loop uses all of this through `asla.surrogate_eval`.
 """
 from __future__ import annotations
 
