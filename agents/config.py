@@ -211,10 +211,25 @@ class Recipe:
         """Check a recipe mapping (without ``name``); one ConfigError line per bad field."""
         recipe = schema.from_mapping(cls, data, "", ConfigError)
         recipe.surrogate.validate()  # the checks between its fields (a model and what it needs)
+        _check_surrogate(recipe)
         return recipe
 
     def to_dict(self) -> dict:
         return schema.to_mapping(self)
+
+
+def _check_surrogate(recipe: Recipe) -> None:
+    """What the surrogate block needs of the rest of the recipe (checked before a run directory is made)."""
+    sur = recipe.surrogate
+    if not sur.enabled:
+        return
+    if sur.screen_candidates > 1 and sur.screen_candidates != recipe.n_builders:
+        raise ConfigError("surrogate.screen_candidates", f"the candidates of a screening round are one iteration's "
+                          f"builds: set n_builders to it too (n_builders {recipe.n_builders}, screen_candidates "
+                          f"{sur.screen_candidates})")
+    if sur.forces and recipe.executor != "serial":
+        raise ConfigError("surrogate.forces", f"force training needs executor serial (workers return energies "
+                          f"only), got {recipe.executor}")
 
 
 DEFAULTS: dict[str, Any] = Recipe().to_dict()

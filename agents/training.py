@@ -48,7 +48,7 @@ from .checkpoint import (
     rng_state_dict,
     save_tensors,
 )
-from .config import load_config
+from .config import Recipe, load_config
 from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
 
@@ -196,13 +196,8 @@ class Trainer:
         sur_cfg = SurrogateConfig.from_dict(self.cfg["surrogate"])
         if not sur_cfg.enabled:
             return None, self.problem
-        if sur_cfg.screen_candidates > 1 and sur_cfg.screen_candidates != self.cfg["n_builders"]:
-            raise ConfigError("surrogate.screen_candidates", f"the candidates of a screening round are one "
-                              f"iteration's builds: set n_builders to it too (n_builders {self.cfg['n_builders']}, "
-                              f"screen_candidates {sur_cfg.screen_candidates})")
-        if sur_cfg.forces and self.cfg["executor"] != "serial":
-            raise ConfigError("surrogate.forces", f"force training needs executor serial (workers return energies "
-                              f"only), got {self.cfg['executor']}")
+        # the checks between the block and the rest of the recipe, again: a caller may change a loaded recipe
+        Recipe.from_dict({k: v for k, v in self.cfg.items() if k != "name" and not k.startswith("_")})
         real = load_problem(self.problem.to_dict(), relax={**self.problem.to_dict().get("relax", {}), "steps": 0})
         return SurrogateEvaluation(sur_cfg, self.problem), real
 

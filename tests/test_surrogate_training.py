@@ -53,10 +53,11 @@ def test_recipe_block_is_off_by_default_and_errors_name_the_field():
 
 
 def test_screening_needs_one_iteration_of_candidates(tmp_path):
-    cfg = tiny_cfg(["surrogate.enabled=true", "surrogate.screen_candidates=8", "surrogate.screen_k=1"])
     with pytest.raises(ConfigError, match=r"^surrogate.screen_candidates: .*n_builders 4, screen_candidates 8"):
+        tiny_cfg(["surrogate.enabled=true", "surrogate.screen_candidates=8", "surrogate.screen_k=1"])
+    cfg = tiny_cfg(["surrogate.enabled=true", "surrogate.screen_candidates=4", "surrogate.screen_k=1"], n_builders=8)
+    with pytest.raises(ConfigError, match=r"^surrogate.screen_candidates: "):  # changed after load_config
         train(cfg, run_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ---- the evaluator keeps forces when asked -------------------------------------------------------------
@@ -70,6 +71,18 @@ def test_evaluator_keeps_forces_only_when_asked():
     forces = with_forces.atoms.calc.results["forces"]
     assert forces.shape == (len(atoms), 3) and np.abs(forces[: len(problem.template)]).max() > 0  # template too
     assert with_forces.energy == plain.energy
+
+
+def test_force_training_asks_the_evaluator_for_forces_and_needs_the_serial_executor(tmp_path):
+    sets = ["surrogate.enabled=true", "surrogate.model=sgpr", "surrogate.forces=true"]
+    trainer = Trainer(tiny_cfg(sets, episodes=4), run_dir=tmp_path / "serial", progress=False)
+    assert trainer.evaluator.keep_forces and trainer.surrogate.model.trains_on_forces
+    trainer.close()
+    off = Trainer(tiny_cfg(episodes=4), run_dir=tmp_path / "off", progress=False)
+    assert not off.evaluator.keep_forces
+    off.close()
+    with pytest.raises(ConfigError, match=r"^surrogate.forces: force training needs executor serial"):
+        tiny_cfg([*sets, "executor=process", "workers=2"])
 
 
 # ---- the evaluate step ----------------------------------------------------------------------------------
