@@ -19,6 +19,7 @@ import yaml
 from asla import schema
 from asla.errors import ConfigError
 from asla.schema import option, section
+from asla.surrogate import SurrogateConfig
 
 MAX_GRAD_STEPS_PER_EPISODE = 64  # a sane bound: more gradient steps per built structure only overfit the buffer
 
@@ -182,6 +183,8 @@ class Recipe:
     temperature: Any = section(Temperature, "> 0: non-random steps sample softmax(Q/T) (Boltzmann exploration)")
     learning: Learning = section(Learning, "targets, rewards, replay and optimiser")
     augment: Augment = section(Augment, "symmetry augmentation")
+    surrogate: SurrogateConfig = section(SurrogateConfig, "surrogate relaxation of finished builds (off by default; "
+                                         "docs/surrogate.md)")
     checkpoint_every: int = option(200, "episodes between checkpoints", "int", minimum=1, maximum=10**9)
     log_images_every: int = option(100, "episodes between TensorBoard pictures", "int", minimum=1, maximum=10**9)
     record_evaluations: bool = option(True, "every evaluated structure into the evaluations database", "bool")
@@ -206,10 +209,27 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
         """Check a recipe mapping (without ``name``); one ConfigError line per bad field."""
-        return schema.from_mapping(cls, data, "", ConfigError)
+        recipe = schema.from_mapping(cls, data, "", ConfigError)
+        recipe.surrogate.validate()  # the checks between its fields (a model and what it needs)
+        _check_surrogate(recipe)
+        return recipe
 
     def to_dict(self) -> dict:
         return schema.to_mapping(self)
+
+
+def _check_surrogate(recipe: Recipe) -> None:
+    """What the surrogate block needs of the rest of the recipe (checked before a run directory is made)."""
+    sur = recipe.surrogate
+    if not sur.enabled:
+        return
+    if sur.screen_candidates > 1 and sur.screen_candidates != recipe.n_builders:
+        raise ConfigError("surrogate.screen_candidates", f"the candidates of a screening round are one iteration's "
+                          f"builds: set n_builders to it too (n_builders {recipe.n_builders}, screen_candidates "
+                          f"{sur.screen_candidates})")
+    if sur.forces and recipe.executor != "serial":
+        raise ConfigError("surrogate.forces", f"force training needs executor serial (workers return energies "
+                          f"only), got {recipe.executor}")
 
 
 DEFAULTS: dict[str, Any] = Recipe().to_dict()

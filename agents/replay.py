@@ -18,13 +18,16 @@ class Episode:
     energy: float  # nan when the build failed or dead-ended
     key: tuple[int, ...] = ()
     episode: int = 0
+    surrogate: bool = False  # energy is a surrogate model's, not a real evaluation (screened-out build)
 
     def to_json(self) -> list:
-        return [self.actions, None if math.isnan(self.energy) else self.energy, list(self.key), self.episode]
+        row = [self.actions, None if math.isnan(self.energy) else self.energy, list(self.key), self.episode]
+        return [*row, True] if self.surrogate else row  # real episodes keep the four-field row of older files
 
     @classmethod
     def from_json(cls, row: list) -> Episode:
-        return cls(list(row[0]), float("nan") if row[1] is None else float(row[1]), tuple(row[2]), int(row[3]))
+        return cls(list(row[0]), float("nan") if row[1] is None else float(row[1]), tuple(row[2]), int(row[3]),
+                   bool(row[4]) if len(row) > 4 else False)
 
 
 def prefix_key(actions: list[int], t: int) -> int:
@@ -50,6 +53,13 @@ class ReplayBuffer:
         return len(self.recent) + len(self.best)
 
     def add(self, ep: Episode) -> None:
+        """A surrogate episode is trained on (recent) but never sets a best or a prefix's best: a model's energy
+        may be a hole of the model, and the best episodes are sampled often."""
+        if ep.surrogate:
+            self.recent.append(ep)
+            if len(self.recent) > self.capacity:
+                del self.recent[: len(self.recent) - self.capacity]
+            return
         if math.isfinite(ep.energy):
             for t in range(1, len(ep.actions) + 1):
                 k = prefix_key(ep.actions, t)

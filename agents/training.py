@@ -1,8 +1,9 @@
 """Training loop (CleanRL style: it reads top to bottom, `Trainer.run`, in named steps).
 
 Each iteration: n_builders builds in lockstep (one batched forward pass per step, ε-greedy over
-legal actions) (rollout), the finished structures go to the calculator (evaluate), their episodes
-into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
+legal actions) (rollout), the finished structures go to the calculator (evaluate; with the recipe's
+``surrogate:`` block each is first relaxed in a model of the run's real evaluations, asla.surrogate_eval),
+their episodes into the replay buffer and the run's bests (record), then a fixed number of gradient steps on
 Monte-Carlo targets (the episode's reward for every step of it), each sample transformed by a random
 lattice symmetry (learn); TensorBoard (log); a checkpoint when due. Callbacks
 (`asla.agents.callbacks`) see every iteration and hold the stop rules.
@@ -41,6 +42,8 @@ from asla.storage import (
     write_json,
     write_structures,
 )
+from asla.surrogate import SurrogateConfig
+from asla.surrogate_eval import SurrogateEvaluation, SurrogateRecord
 
 from . import augmentation
 from .agent import Agent
@@ -54,11 +57,13 @@ from .checkpoint import (
     rng_state_dict,
     save_tensors,
 )
-from .config import load_config
+from .config import Recipe, load_config
 from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
 
 if TYPE_CHECKING:
+    from ase import Atoms
+
     from asla.builder import BuildState
     from asla.problem import Problem
 
@@ -115,6 +120,7 @@ class Batch:
     temperature: float
     keys: list[tuple[int, ...]] = field(default_factory=list)  # canonical (symmetry-reduced) keys, one per build
     evaluations: dict[int, Evaluation] = field(default_factory=dict)  # by index into builds; finished builds only
+    surrogate: dict[int, SurrogateRecord] = field(default_factory=dict)  # what the model did, when it is enabled
 
 
 def train(config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
@@ -193,13 +199,26 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.agent.net.parameters(), lr=learn_cfg["lr"],
                                           weight_decay=learn_cfg["weight_decay"])
         self.replay = ReplayBuffer(learn_cfg["replay_capacity"], learn_cfg["n_best"])
-        self.evaluator = EnergyEvaluator(problem, failure_dir=self.run_dir / "failures")
+        self.surrogate, real = self.build_surrogate()
+        self.evaluator = EnergyEvaluator(real, failure_dir=self.run_dir / "failures",
+                                         keep_forces=self.surrogate is not None and self.surrogate.config.forces)
         self.scale = RewardScale(quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"],
                                  resolution=learn_cfg["reward_resolution"])
-        self.executor = make_executor(problem, cfg["executor"], cfg["workers"], cfg["ray_address"])
+        self.executor = make_executor(real, cfg["executor"], cfg["workers"], cfg["ray_address"])
         self.state = TrainState()
         self.database = cfg["database"] or str(self.run_dir / "evaluations.db")
         self.episode_base = episode_base(self.database)  # labels only: 1, or 0 in a database from before
+
+    def build_surrogate(self) -> tuple[SurrogateEvaluation | None, Problem]:
+        """The recipe's surrogate (None when off) and the problem the real calculator evaluates: with a surrogate,
+        the problem with its real relaxation steps off (one real single point per episode; asla.surrogate_eval)."""
+        sur_cfg = SurrogateConfig.from_dict(self.cfg["surrogate"])
+        if not sur_cfg.enabled:
+            return None, self.problem
+        # the checks between the block and the rest of the recipe, again: a caller may change a loaded recipe
+        Recipe.from_dict({k: v for k, v in self.cfg.items() if k != "name" and not k.startswith("_")})
+        real = load_problem(self.problem.to_dict(), relax={**self.problem.to_dict().get("relax", {}), "steps": 0})
+        return SurrogateEvaluation(sur_cfg, self.problem), real
 
     def seed_replay(self) -> None:
         """A fresh run starts from the recipe's demonstrations (seed_from_db), if any."""
@@ -265,13 +284,23 @@ class Trainer:
         return Batch(builds, epsilon, temperature)
 
     def evaluate(self, batch: Batch) -> None:
-        """The finished structures to the calculator (through the executor; cache hits are answered here)."""
+        """The finished structures to the calculator (through the executor; cache hits are answered here). With a
+        surrogate, each is relaxed in the model first (once it is ready) and screening may keep some from it."""
         with self._timed("calculator"):
             builds = batch.builds
             batch.keys = [build.canonical_key() for build in builds]
             finished = [i for i, build in enumerate(builds) if build.done]
             atoms = [builds[i].atoms() for i in finished]
-            evaluations = self.executor.evaluate_many(self.evaluator, atoms, [batch.keys[i] for i in finished])
+            keys = [batch.keys[i] for i in finished]
+            if self.surrogate is None:
+                evaluations = self.executor.evaluate_many(self.evaluator, atoms, keys)
+            else:  # relaxed in the model first (once it has min_points), then one real single point each
+                screened, records = self.surrogate.evaluate(self.executor, self.evaluator, atoms, keys)
+                batch.surrogate = dict(zip(finished, records, strict=True))
+                self.surrogate.log(self.writer, self.state.episodes + len(builds))
+                kept = [j for j, ev in enumerate(screened) if ev is not None]  # screening: the best k only
+                finished, atoms = [finished[j] for j in kept], [records[j].atoms for j in kept]
+                evaluations = [screened[j] for j in kept]
             batch.evaluations = dict(zip(finished, evaluations, strict=True))
             self.callbacks.on_evaluated([builds[i] for i in finished], atoms, evaluations)
 
@@ -280,10 +309,14 @@ class Trainer:
         the new energies into the reward scale, the evaluated structures into the database."""
         with self._timed("calculator"):
             s, evaluations = self.state, batch.evaluations
-            evaluated = []
+            evaluated, screened, real_energies = [], [], []
             spent = self.evaluator.n_calls - sum(ev.n_calls for ev in evaluations.values())  # before this batch
             for builder, build in enumerate(batch.builds):
                 episode = s.episodes
+                if build.done and builder not in evaluations:  # screened out at model level, no real energy
+                    screened.append(self._record_screened(batch, builder, episode))
+                    s.episodes += 1
+                    continue
                 if build.done:
                     ev = evaluations[builder]
                     spent += ev.n_calls  # evaluations up to and including this build, as it happened
@@ -291,18 +324,41 @@ class Trainer:
                     if ev.atoms is not None and not ev.cached:
                         ev.atoms.info.update({"episode": episode + self.episode_base, "builder": builder, "ok": ev.ok,
                                               "seconds": ev.seconds, "n_calls": ev.n_calls})
+                        if builder in batch.surrogate:
+                            ev.atoms.info.update(_surrogate_row(batch.surrogate[builder]))
                         evaluated.append(ev.atoms)
                 else:
                     energy = float("nan")
                     s.dead_ends += 1
                 self.replay.add(Episode(list(build.actions), energy, batch.keys[builder], episode))
+                real_energies.append(energy)
                 s.episodes += 1
                 if math.isfinite(energy):
                     self._record_energy(energy, list(build.actions), spent)
-            self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
+            if screened:  # screening: only the real energies move the reward scale
+                self.scale.update(real_energies)
+            else:
+                self.scale.update([e.energy for e in self.replay.recent[-len(batch.builds):]])
+            evaluated += [a for a in screened if a is not None]
             if evaluated and self.cfg["record_evaluations"]:
                 append_db(self.database, evaluated, n_template=len(self.problem.template),
                           calculator=self.problem.calculator["name"], run=self.run_dir.name)
+
+    def _record_screened(self, batch: Batch, builder: int, episode: int) -> Atoms | None:
+        """A build screened out at model level: dropped, or (surrogate.train_on_screened) an episode with its model
+        energy, marked surrogate in the replay buffer, and its relaxed structure for the database, marked too."""
+        record = batch.surrogate[builder]
+        if not self.surrogate.config.train_on_screened or not math.isfinite(record.predicted):
+            return None
+        build = batch.builds[builder]
+        self.replay.add(Episode(list(build.actions), float(record.predicted), batch.keys[builder], episode,
+                                surrogate=True))
+        from ase.calculators.singlepoint import SinglePointCalculator
+        atoms = record.atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(record.predicted))
+        atoms.info.update({"episode": episode, "builder": builder, "ok": True, "n_calls": 0, "surrogate_only": True,
+                           **_surrogate_row(record)})
+        return atoms
 
     def _record_energy(self, energy: float, actions: list[int], spent: int) -> None:
         s = self.state
@@ -392,9 +448,17 @@ class Trainer:
 
     def summarise(self) -> dict:
         """run_dir/summary.json, returned; then the callbacks' on_training_end."""
-        summary = _summary(self.cfg, self.problem, self.state, self.evaluator)
+        summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
         self.callbacks.on_training_end()
+        return summary
+
+    def summary(self) -> dict:
+        """The run summary (summary.json); with a surrogate, its block ``surrogate`` (readiness, fallbacks, time,
+        model error)."""
+        summary = _summary(self.cfg, self.problem, self.state, self.evaluator)
+        if self.surrogate is not None:
+            summary["surrogate"] = self.surrogate.summary()
         return summary
 
     @contextlib.contextmanager
@@ -415,6 +479,8 @@ class Trainer:
         meta = {"format": TRAINER_FORMAT, "optimizer": opt_meta, "replay": self.replay.state_dict(),
                 "evaluator": self.evaluator.state_dict(), "scale": self.scale.state_dict(),
                 "state": self.state.state_dict(), "rng": rng_meta}
+        if self.surrogate is not None:
+            meta["surrogate"] = self.surrogate.state_dict()
         return {**rng_tensors, **opt_tensors}, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -424,6 +490,10 @@ class Trainer:
         self.scale.load_state_dict(meta["scale"])
         self.state.load_state_dict(meta["state"])
         load_rng_state_dict(self.rng, tensors, meta["rng"])
+        if self.surrogate is not None:
+            if "surrogate" not in meta:
+                raise CheckpointError("the checkpoint holds no surrogate state, but the recipe enables the surrogate")
+            self.surrogate.load_state_dict(meta["surrogate"])
 
     def save_checkpoint(self) -> None:
         """Write everything into a fresh directory, let the callbacks add theirs, then move the 'latest' pointer
@@ -446,7 +516,7 @@ class Trainer:
             (self.run_dir / f".{f}.tmp").replace(self.run_dir / f)
         for old in sorted(ckdir.glob("ckpt-*"))[:-2]:  # keep the newest two
             shutil.rmtree(old, ignore_errors=True)
-        write_json(self.run_dir / "summary.json", _summary(cfg, self.problem, s, self.evaluator))
+        write_json(self.run_dir / "summary.json", self.summary())
 
     def load_checkpoint(self) -> None:
         """The last published checkpoint; database rows written after it are dropped (they will be made again)."""
@@ -621,6 +691,17 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
 
 
+def _surrogate_row(record: SurrogateRecord) -> dict:
+    """evaluations.db columns of a structure evaluated with the surrogate on: relaxed in the model or not, and the
+    model's energy and sigma of it (absent while the model has no data)."""
+    row: dict = {"surrogate_relaxed": bool(record.relaxed), "surrogate_steps": int(record.steps)}
+    if math.isfinite(record.predicted):
+        row["surrogate_energy"] = float(record.predicted)
+    if math.isfinite(record.sigma):
+        row["surrogate_sigma"] = float(record.sigma)
+    return row
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The directory the 'latest' pointer publishes (None before the first checkpoint)."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
@@ -684,13 +765,13 @@ def _summary(cfg: dict, problem, state: TrainState, evaluator: EnergyEvaluator) 
             "episode_numbering": EPISODE_NUMBERING}
 
 
-def energy_kind(problem) -> str:  # noqa: ANN001 - a Problem
+def energy_kind(problem) -> str:  # a Problem
     """What the reward's energy is: a single point on the grid, or after the problem's few relaxation steps."""
     r = problem.relax
     return f"after {r.steps} {r.optimizer} relaxation steps" if r.steps > 0 else "single point"
 
 
-def _log_hparams(writer, cfg: dict, problem) -> None:  # noqa: ANN001 - a SummaryWriter and a Problem
+def _log_hparams(writer, cfg: dict, problem) -> None:  # a SummaryWriter and a Problem
     """The recipe's scalar hyperparameters into TensorBoard's HParams tab, with the run's charts as its metrics.
 
     Written into the run's own event file (SummaryWriter.add_hparams would open a second run beside it); the

@@ -43,7 +43,7 @@ class Evaluation:
 class KeepInRegion:
     """ASE constraint: placed atoms stay within [zmin, zmax] while relaxing (no desorption into vacuum)."""
 
-    def __init__(self, indices, zmin: float, zmax: float) -> None:  # noqa: ANN001
+    def __init__(self, indices, zmin: float, zmax: float) -> None:
         self.index = np.asarray(list(indices), dtype=int)
         self.zmin, self.zmax = zmin, zmax
 
@@ -60,7 +60,8 @@ class KeepInRegion:
         return 0
 
     def todict(self) -> dict:
-        return {"name": "KeepInRegion", "kwargs": {"indices": self.index.tolist(), "zmin": self.zmin, "zmax": self.zmax}}
+        return {"name": "KeepInRegion",
+                "kwargs": {"indices": self.index.tolist(), "zmin": self.zmin, "zmax": self.zmax}}
 
 
 class _Timeout(Exception):
@@ -70,10 +71,14 @@ class _Timeout(Exception):
 class EnergyEvaluator:
     """Evaluates finished builds of one problem with its calculator."""
 
-    def __init__(self, problem: Problem, failure_dir: str | Path | None = None, use_cache: bool = True) -> None:
+    def __init__(self, problem: Problem, failure_dir: str | Path | None = None, use_cache: bool = True,
+                 keep_forces: bool = False) -> None:
         self.problem = problem
         self.failure_dir = Path(failure_dir) if failure_dir else None
         self.use_cache = use_cache
+        # keep_forces: each result's atoms also hold the real forces (a surrogate trained on forces needs them);
+        # off by default, since a DFT code may pay for forces it is not asked for
+        self.keep_forces = keep_forces
         self.cache: dict[tuple[int, ...], float] = {}
         self.n_calls = 0
         self.n_structures = 0
@@ -93,14 +98,14 @@ class EnergyEvaluator:
         faults = self.problem.faults
         spec = dict(self.problem.calculator)
         t0 = time.perf_counter()
-        error, n_calls, energy, final = None, 0, float("nan"), atoms
+        error, n_calls, energy, final, forces = None, 0, float("nan"), atoms, None
         for attempt in range(faults.retries + 1):
             if attempt:
                 spec = {**spec, **faults.retry_settings}
                 self._calc = None
             n_calls_try = 0  # > 0 once _run returned: a non-finite energy below is counted already
             try:
-                energy, n_calls_try, final = self._run(atoms, spec)
+                energy, n_calls_try, final, forces = self._run(atoms, spec)
                 n_calls += n_calls_try
                 if not math.isfinite(energy):
                     raise CalculatorError(f"calculator {spec['name']} returned a non-finite energy ({energy})")
@@ -120,7 +125,7 @@ class EnergyEvaluator:
         if self.use_cache and key is not None:
             self.cache[key] = energy
         return Evaluation(energy=energy, ok=error is None, n_calls=n_calls, seconds=seconds, error=error,
-                          atoms=_with_energy(final, energy))
+                          atoms=_with_energy(final, energy, forces if error is None else None))
 
     def relative(self, energy: float) -> float | None:
         ref = self.problem.reference_energy
@@ -148,7 +153,7 @@ class EnergyEvaluator:
             self._calc_spec = spec
         return self._calc
 
-    def _run(self, atoms: Atoms, spec: dict) -> tuple[float, int, Atoms]:
+    def _run(self, atoms: Atoms, spec: dict) -> tuple[float, int, Atoms, np.ndarray | None]:
         work = atoms.copy()
         work.calc = self._calculator(spec)
         with _time_limit(self.problem.faults.timeout):
@@ -166,7 +171,8 @@ class EnergyEvaluator:
             else:
                 n_calls = 1
             energy = float(work.get_potential_energy())
-        return energy, n_calls, work
+            forces = np.array(work.get_forces(), dtype=float) if self.keep_forces else None  # no constraint: real
+        return energy, n_calls, work, forces
 
     def _record_failure(self, atoms: Atoms, error: str) -> None:
         entry = {"index": len(self.failures), "error": error, "time": time.time(), "file": None}
@@ -207,13 +213,13 @@ class _time_limit:
             signal.signal(signal.SIGALRM, self.old)
 
     @staticmethod
-    def _raise(signum, frame):  # noqa: ANN001
+    def _raise(signum, frame):
         raise _Timeout()
 
 
-def _with_energy(atoms: Atoms, energy: float) -> Atoms:
+def _with_energy(atoms: Atoms, energy: float, forces: np.ndarray | None = None) -> Atoms:
     a = atoms.copy()
-    a.calc = SinglePointCalculator(a, energy=energy)
+    a.calc = SinglePointCalculator(a, energy=energy, forces=forces)
     return a
 
 
@@ -237,7 +243,7 @@ class RewardScale:
         self.energies: list[float] = []
         self.low = math.inf
 
-    def update(self, energies) -> None:  # noqa: ANN001
+    def update(self, energies) -> None:
         new = [float(e) for e in np.atleast_1d(energies) if np.isfinite(e)]
         self.energies.extend(new)
         self.low = min([self.low, *new])
@@ -263,11 +269,12 @@ class RewardScale:
         self.energies = [float(e) for e in state["energies"]]
         self.low = math.inf if state["low"] is None else float(state["low"])
 
-    def __call__(self, energies) -> np.ndarray:  # noqa: ANN001
+    def __call__(self, energies) -> np.ndarray:
         return rewards(np.asarray(energies, dtype=float), *self.bounds(), kind=self.kind, resolution=self.resolution)
 
 
-def rewards(energies: np.ndarray, low: float, high: float, kind: str = "linear", resolution: float = 0.01) -> np.ndarray:
+def rewards(energies: np.ndarray, low: float, high: float, kind: str = "linear",
+            resolution: float = 0.01) -> np.ndarray:
     if kind == "log":
         d = resolution * (high - low)
         above = np.maximum(np.asarray(energies, dtype=float) - low, 0.0)

@@ -21,7 +21,8 @@ interface in AGOX. The models are AGOX's own, not rewritten here:
   when the real calculator is DFT); it does not learn, and has no uncertainty (sigma 0).
 
 `surrogate_relax` relaxes one build in a model and falls back to the unrelaxed build, saying why, when the model
-has too little data or the relaxation diverges. `SurrogateConfig` is the proposed ``surrogate:`` recipe block.
+has too little data or the relaxation diverges. `SurrogateConfig` is the recipe's ``surrogate:`` block
+(`Recipe.surrogate`); the training loop uses all of this through `asla.surrogate_eval`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,9 +42,11 @@ from ase.constraints import FixAtoms
 from ase.data import covalent_radii
 from ase.geometry import get_distances
 
+from . import schema
 from .errors import ConfigError
 from .problem import Problem
 from .reward import KeepInRegion
+from .schema import option
 
 MODELS = ("gpr", "sgpr", "delta-gpr", "calculator")
 DESCRIPTORS = ("fingerprint", "soap")
@@ -55,61 +58,59 @@ OPTIMIZERS = ("BFGS", "LBFGS", "FIRE")
 
 @dataclass
 class SurrogateConfig:
-    """The ``surrogate:`` block of a recipe: which model, when it is trusted, how builds are relaxed in it."""
+    """The ``surrogate:`` block of a recipe: which model, when it is trusted, how builds are relaxed in it.
 
-    enabled: bool = False
-    """Relax finished builds in the model before their real single point (off: every build is a plain evaluation)."""
-    model: str = "gpr"
-    """Backend: gpr (global GPR, energies), sgpr (sparse GPR, optional forces), delta-gpr (GPR on a physics prior),
-    calculator (a fixed ASE calculator as pre-relaxer)."""
-    descriptor: str = "fingerprint"
-    """sgpr only: fingerprint (global, GOFEE's) or soap (local, dscribe)."""
-    forces: bool = False
-    """sgpr only: train on the real forces as well as energies (3N more rows per structure)."""
-    calculator: dict | None = None
-    """delta-gpr and calculator: the physics model, as a problem's calculator section ({name: emt}, an import path)."""
-    min_points: int = 20
-    """Real evaluations the model needs before builds are relaxed in it; below, builds get plain single points."""
-    steps: int = 100
-    """Maximum optimiser steps of one relaxation in the model (AGOX's GOFEE relaxer: 100)."""
-    fmax: float = 0.05
-    """Force convergence of the relaxation in the model (eV/A)."""
-    optimizer: str = "BFGS"
-    """ASE optimiser of the relaxation in the model: BFGS (GOFEE's), LBFGS or FIRE."""
-    refit_every: int = 10
-    """New real evaluations between hyperparameter optimisations; in between the GP is conditioned on each new point
-    at fixed hyperparameters (cheap)."""
-    kappa: float = 2.0
-    """Weight of sigma in the lower-confidence-bound acquisition E - kappa*sigma (GOFEE: 2)."""
-    relax_in_acquisition: bool = False
-    """Relax in E - kappa*sigma (GOFEE) instead of the predicted energy E."""
-    screen_candidates: int = 1
-    """Builds proposed and relaxed in the model per real-evaluation round (1: no screening)."""
-    screen_k: int = 1
-    """Of those, the best k by the acquisition get a real evaluation."""
-    fallback: str = "build"
-    """When a relaxation diverges: build (evaluate the unrelaxed build) or last_good (the last step that passed)."""
-    min_distance: float = 0.6
-    """Divergence: two atoms closer than this fraction of the sum of their covalent radii."""
-    floor_per_atom: float = 2.0
-    """Divergence: model energy below the lowest real evaluation's (model scale) minus this many eV per placed atom."""
+    Declared in the recipe schema's style (`asla.schema`: type, range, default, one-line doc per field), so the
+    recipe checks it field by field; `validate` adds the checks between fields (a model and what it needs).
+    """
+
+    enabled: bool = option(False, "relax each finished build in a model fitted on the run's real evaluations, then "
+                           "one real single point of it is the reward; the problem's real relaxation steps are off "
+                           "while enabled (docs/surrogate.md)", "bool")
+    model: str = option("gpr", "gpr (AGOX's global GPR, energies), sgpr (sparse GPR, optional forces), delta-gpr "
+                        "(GPR on a physics prior), calculator (a fixed ASE calculator as pre-relaxer)", "choice",
+                        choices=MODELS)
+    descriptor: str = option("fingerprint", "sgpr only: fingerprint (global, GOFEE's) or soap (local, dscribe)",
+                             "choice", choices=DESCRIPTORS)
+    forces: bool = option(False, "sgpr only: train on the real forces as well as energies", "bool")
+    calculator: dict | None = option(None, "delta-gpr and calculator: the physics model, as a problem's calculator "
+                                     "section ({name: emt} or an import path)", "mapping", nullable=True)
+    min_points: int = option(20, "real evaluations the model needs before builds are relaxed in it (before: plain "
+                             "single points)", "int", minimum=0, maximum=10**9)
+    steps: int = option(100, "most optimiser steps of one relaxation in the model (AGOX's GOFEE relaxer: 100)",
+                        "int", minimum=1, maximum=10**6)
+    fmax: float = option(0.05, "force convergence of the relaxation in the model (eV/A)", "number", minimum=0.0,
+                         exclusive_minimum=True)
+    optimizer: str = option("BFGS", "ASE optimiser of the relaxation in the model", "choice", choices=OPTIMIZERS)
+    refit_every: int = option(10, "new real evaluations between hyperparameter optimisations (in between the GP is "
+                              "conditioned on new points at fixed hyperparameters)", "int", minimum=1, maximum=10**9)
+    kappa: float = option(2.0, "weight of sigma in the acquisition E - kappa*sigma (GOFEE: 2)", "number",
+                          minimum=0.0)
+    relax_in_acquisition: bool = option(False, "relax in E - kappa*sigma (GOFEE) instead of the predicted energy E",
+                                        "bool")
+    screen_candidates: int = option(1, "builds proposed and relaxed in the model per real evaluation round (1: no "
+                                    "screening)", "int", minimum=1, maximum=4096)
+    screen_k: int = option(1, "of those, the best k by the acquisition get a real evaluation", "int", minimum=1,
+                           maximum=4096)
+    train_on_screened: bool = option(False, "screened-out builds train the agent on their model energies (marked "
+                                     "surrogate in the replay buffer and evaluations.db); false: dropped", "bool")
+    fallback: str = option("build", "when a relaxation in the model diverges: build (real single point of the "
+                           "unrelaxed build) or last_good (of the last step that passed the checks)", "choice",
+                           choices=FALLBACKS)
+    min_distance: float = option(0.6, "divergence: two atoms closer than this fraction of their covalent radii",
+                                 "number", minimum=0.0, exclusive_minimum=True)
+    floor_per_atom: float = option(2.0, "divergence: model energy below the lowest real energy minus this many eV "
+                                   "per placed atom", "number", minimum=0.0, exclusive_minimum=True)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> SurrogateConfig:
         """The block from a recipe mapping (missing keys take their defaults), validated."""
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError("surrogate", f"must be a mapping of surrogate fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"surrogate.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(known))}")
-        cfg = cls(**data)
+        cfg = schema.from_mapping(cls, {} if data is None else data, "surrogate.", ConfigError)
         cfg.validate()
         return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return schema.to_mapping(self)
 
     def relax_kwargs(self) -> dict:
         """What this block sets of `surrogate_relax`: ``surrogate_relax(p, a, s, **cfg.relax_kwargs())``."""
@@ -357,14 +358,14 @@ def _agox_classes() -> tuple[type, type]:
     from agox.models.GPR import GPR, SparseGPR
 
     class ScalarLikelihoodGPR(GPR):
-        def _log_marginal_likelihood_gradient(self, theta):  # noqa: ANN001, ANN202 - AGOX's signature
+        def _log_marginal_likelihood_gradient(self, theta):  # AGOX's signature
             log_p, grad = super()._log_marginal_likelihood_gradient(theta)
             return np.sum(log_p), grad
 
     return ScalarLikelihoodGPR, SparseGPR  # the sparse GPR (fixed hyperparameters here) never calls the gradient
 
 
-def _gofee_kernel():  # noqa: ANN202 - an AGOX kernel
+def _gofee_kernel():  # an AGOX kernel
     """GOFEE's kernel exactly as AGOX's model factory builds it for ``GlobalGPRConfig``."""
     from agox.models.GPR.kernels import RBF, Constant, Noise
     beta = 0.01
@@ -376,7 +377,7 @@ def _gofee_kernel():  # noqa: ANN202 - an AGOX kernel
 class _AgoxSurrogate(Surrogate):
     """Common part of the AGOX GP backends: the model is an ASE calculator; LCB via AGOX's LCB calculator."""
 
-    def __init__(self, model: Any, refit_every: int = 10) -> None:  # noqa: ANN401 - an AGOX model
+    def __init__(self, model: Any, refit_every: int = 10) -> None:  # an AGOX model
         from agox.writer import Writer
         super().__init__(refit_every)
         model.writer = Writer(verbosity=-1)  # AGOX prints a model report on every fit; a search logs its own
@@ -594,12 +595,12 @@ def surrogate_relax(problem: Problem, atoms: Atoms, surrogate: Surrogate, steps:
     placed = np.arange(n_template, len(build))
     work = build.copy()
     work.set_constraint([FixAtoms(indices=range(n_template)), KeepInRegion(placed, zmin, zmax)])
-    work.calc = surrogate.calculator(kappa)
     checker = _DivergenceCheck(problem, build, placed, zmin, zmax, min_distance)
     energies: list[float] = []
     good = build.positions.copy()
     reason, diverged, n_steps, energy_start = None, False, 0, math.nan
     try:
+        work.calc = surrogate.calculator(kappa)  # a model that cannot even give a calculator is a divergence too
         from ase import optimize
         opt = getattr(optimize, optimizer)(work, logfile=None)
         energy_start = surrogate.predict(build).energy

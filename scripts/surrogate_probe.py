@@ -22,22 +22,22 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
+import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
 
-from asla.basin import relaxed_energy  # noqa: E402
-from asla.builder import random_build  # noqa: E402
-from asla.calculators import make_calculator  # noqa: E402
-from asla.problem import load_problem  # noqa: E402
-from asla.reward import EnergyEvaluator  # noqa: E402
-from asla.storage import atomic_write_text  # noqa: E402
-from asla.surrogate import SurrogateConfig, make_surrogate, surrogate_relax  # noqa: E402
+from asla.basin import relaxed_energy
+from asla.builder import random_build
+from asla.calculators import make_calculator
+from asla.problem import load_problem
+from asla.reward import EnergyEvaluator
+from asla.storage import atomic_write_text
+from asla.surrogate import SurrogateConfig, make_surrogate, surrogate_relax
 
 MODELS = {"gpr": SurrogateConfig(model="gpr"),
           "sgpr-forces": SurrogateConfig(model="sgpr", descriptor="fingerprint", forces=True)}
 
 
-def single_point(problem, atoms):  # noqa: ANN001, ANN201
+def single_point(problem, atoms):
     """atoms with its real energy and forces in a SinglePointCalculator."""
     a = atoms.copy()
     a.set_constraint()
@@ -47,7 +47,7 @@ def single_point(problem, atoms):  # noqa: ANN001, ANN201
     return a
 
 
-def random_builds(problem, n: int, rng: np.random.Generator) -> list:  # noqa: ANN001
+def random_builds(problem, n: int, rng: np.random.Generator) -> list:
     out = []
     while len(out) < n:
         state = random_build(problem, rng)
@@ -56,14 +56,14 @@ def random_builds(problem, n: int, rng: np.random.Generator) -> list:  # noqa: A
     return out
 
 
-def ten_real_steps(problem, atoms):  # noqa: ANN001, ANN201
+def ten_real_steps(problem, atoms):
     """The problem's real relaxation (LBFGS, template fixed, atoms kept in the region), as a training search pays."""
     relaxing = load_problem(problem.to_dict(), relax={"steps": 10, "fmax": 0.05})
     ev = EnergyEvaluator(relaxing, use_cache=False).evaluate(atoms)
     return ev.energy, ev.atoms
 
 
-def training_data(problem, source: str, n: int, seed: int, epsilon: float) -> list:  # noqa: ANN001
+def training_data(problem, source: str, n: int, seed: int, epsilon: float) -> list:
     rng = np.random.default_rng(seed)
     if source == "random":
         return [single_point(problem, a) for a in random_builds(problem, n, rng)]

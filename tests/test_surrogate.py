@@ -11,11 +11,11 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 pytest.importorskip("agox")
 
-from asla.builder import random_build  # noqa: E402 - after the skip
-from asla.calculators import make_calculator  # noqa: E402
-from asla.errors import ConfigError  # noqa: E402
-from asla.problem import load_problem  # noqa: E402
-from asla.surrogate import (  # noqa: E402
+from asla.builder import random_build  # after the skip
+from asla.calculators import make_calculator
+from asla.errors import ConfigError
+from asla.problem import load_problem
+from asla.surrogate import (
     CalculatorSurrogate,
     GPRSurrogate,
     Prediction,
@@ -27,7 +27,7 @@ from asla.surrogate import (  # noqa: E402
 )
 
 
-def _evaluations(problem, n: int, seed: int) -> list:  # noqa: ANN001
+def _evaluations(problem, n: int, seed: int) -> list:
     """n random legal builds with their real EMT energies and forces."""
     rng = np.random.default_rng(seed)
     calc = make_calculator(problem.calculator)
@@ -50,22 +50,22 @@ def oxide():
 
 
 @pytest.fixture(scope="module")
-def data(oxide):  # noqa: ANN001
+def data(oxide):
     return _evaluations(oxide, 60, seed=0)
 
 
 @pytest.fixture(scope="module")
-def gpr(oxide, data):  # noqa: ANN001
+def gpr(oxide, data):
     model = GPRSurrogate(oxide)
     model.update(data[:40])
     return model
 
 
-def _mae(pred, true) -> float:  # noqa: ANN001
+def _mae(pred, true) -> float:
     return float(np.mean(np.abs(np.asarray(pred) - np.asarray(true))))
 
 
-def test_gpr_predicts_held_out_energies_better_than_its_prior(oxide, data, gpr):  # noqa: ANN001
+def test_gpr_predicts_held_out_energies_better_than_its_prior(oxide, data, gpr):
     from agox.models.GPR.priors.repulsive import Repulsive
     train, test = data[:40], data[40:]
     true = [a.get_potential_energy() for a in test]
@@ -92,7 +92,7 @@ def test_gpr_on_tiny_problem_beats_prior():
         [prior.predict_energy(a) + offset for a in data[30:]], true)
 
 
-def test_relaxation_keeps_template_fixed_and_atoms_in_region_and_lowers_model_energy(oxide, data, gpr):  # noqa: ANN001
+def test_relaxation_keeps_template_fixed_and_atoms_in_region_and_lowers_model_energy(oxide, data, gpr):
     build = data[45]
     n_t = len(oxide.template)
     res = surrogate_relax(oxide, build, gpr, steps=30, fmax=0.05, fallback="last_good")
@@ -117,7 +117,7 @@ class _Collapse(Calculator):
         super().__init__()
         self.n_template = n_template
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:  # noqa: ANN001
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         r = self.atoms.positions[self.n_template:]
         d = r - r.mean(axis=0)
@@ -129,12 +129,12 @@ class _Collapse(Calculator):
 class _NaN(Calculator):
     implemented_properties = ["energy", "forces"]
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:  # noqa: ANN001
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         self.results = {"energy": math.nan, "forces": np.full((len(self.atoms), 3), math.nan)}
 
 
-def test_diverging_model_falls_back_to_the_build(oxide, data):  # noqa: ANN001
+def test_diverging_model_falls_back_to_the_build(oxide, data):
     build = data[50]
     model = CalculatorSurrogate(_Collapse(len(oxide.template)))
     res = surrogate_relax(oxide, build, model, steps=200, fmax=0.01)
@@ -148,7 +148,7 @@ def test_diverging_model_falls_back_to_the_build(oxide, data):  # noqa: ANN001
     assert nan.diverged and not nan.relaxed and np.array_equal(nan.atoms.positions, build.positions)
 
 
-def test_energy_floor_stops_a_model_hole(oxide, data):  # noqa: ANN001
+def test_energy_floor_stops_a_model_hole(oxide, data):
     model = CalculatorSurrogate(make_calculator({"name": "emt"}))
     model.update(data[:5])  # its own lowest energy on these sets the floor
     assert model.lowest_energy == pytest.approx(min(a.get_potential_energy() for a in data[:5]))
@@ -156,7 +156,7 @@ def test_energy_floor_stops_a_model_hole(oxide, data):  # noqa: ANN001
     assert res.diverged and "floor" in res.reason and not res.relaxed
 
 
-def test_too_few_points_means_no_relaxation(oxide, data):  # noqa: ANN001
+def test_too_few_points_means_no_relaxation(oxide, data):
     model = GPRSurrogate(oxide)
     model.update(data[:5])
     res = surrogate_relax(oxide, data[50], model, steps=50, fmax=0.05, min_points=20)
@@ -165,7 +165,7 @@ def test_too_few_points_means_no_relaxation(oxide, data):  # noqa: ANN001
     assert np.array_equal(res.atoms.positions, data[50].positions)
 
 
-def test_physics_prior_gp_learns_only_the_difference(oxide, data, gpr):  # noqa: ANN001
+def test_physics_prior_gp_learns_only_the_difference(oxide, data, gpr):
     """With the real calculator (EMT) as its prior, the GP has (almost) nothing left to learn."""
     delta = make_surrogate(SurrogateConfig(model="delta-gpr", calculator={"name": "emt"}), oxide)
     delta.update(data[:20])
@@ -174,7 +174,7 @@ def test_physics_prior_gp_learns_only_the_difference(oxide, data, gpr):  # noqa:
     assert _mae([gpr.predict(a).energy for a in data[40:]], true) > 0.2
 
 
-def test_sparse_gpr_trains_on_forces(oxide, data):  # noqa: ANN001
+def test_sparse_gpr_trains_on_forces(oxide, data):
     model = SparseGPRSurrogate(oxide, descriptor="fingerprint", forces=True)
     assert model.trains_on_forces and model.name == "sgpr-fingerprint-forces"
     model.update(data[:20])
@@ -187,7 +187,7 @@ def test_sparse_gpr_trains_on_forces(oxide, data):  # noqa: ANN001
         model.update([no_forces])
 
 
-def test_state_dict_round_trip_is_json_and_predicts_the_same(oxide, data, gpr):  # noqa: ANN001
+def test_state_dict_round_trip_is_json_and_predicts_the_same(oxide, data, gpr):
     state = json.loads(json.dumps(gpr.state_dict()))
     again = GPRSurrogate(oxide)
     again.load_state_dict(state)
@@ -197,7 +197,7 @@ def test_state_dict_round_trip_is_json_and_predicts_the_same(oxide, data, gpr): 
         assert again.predict(a).sigma == pytest.approx(gpr.predict(a).sigma, abs=1e-8)
 
 
-def test_refit_every_controls_hyperparameter_optimisation(oxide, data):  # noqa: ANN001
+def test_refit_every_controls_hyperparameter_optimisation(oxide, data):
     model = GPRSurrogate(oxide, refit_every=5)
     model.update(data[:20])
     theta = model.model.kernel.theta.copy()
@@ -227,7 +227,7 @@ def test_rank_by_acquisition():
     ({"descriptor": "soap"}, "surrogate.descriptor"),
     ({"enabled": "yes"}, "surrogate.enabled"),
 ])
-def test_config_errors_name_the_field(block, field):  # noqa: ANN001
+def test_config_errors_name_the_field(block, field):
     with pytest.raises(ConfigError) as err:
         SurrogateConfig.from_dict(block)
     assert str(err.value).startswith(field + ":") and "\n" not in str(err.value)
@@ -239,7 +239,7 @@ def test_config_defaults_and_round_trip():
     assert SurrogateConfig.from_dict(None) == SurrogateConfig()
 
 
-def test_relaxation_in_the_acquisition_and_config_kwargs(oxide, data, gpr):  # noqa: ANN001
+def test_relaxation_in_the_acquisition_and_config_kwargs(oxide, data, gpr):
     cfg = SurrogateConfig(steps=5, relax_in_acquisition=True, kappa=2.0, fallback="last_good", min_points=10)
     kwargs = cfg.relax_kwargs()
     assert kwargs["kappa"] == 2.0 and kwargs["steps"] == 5 and kwargs["min_points"] == 10
