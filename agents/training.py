@@ -356,7 +356,8 @@ class Trainer:
         from ase.calculators.singlepoint import SinglePointCalculator
         atoms = record.atoms.copy()
         atoms.calc = SinglePointCalculator(atoms, energy=float(record.predicted))
-        atoms.info.update({"episode": episode, "builder": builder, "ok": True, "n_calls": 0, "surrogate_only": True,
+        atoms.info.update({"episode": episode + self.episode_base, "builder": builder, "ok": True, "n_calls": 0,
+                           "surrogate_only": True,
                            **_surrogate_row(record)})
         return atoms
 

@@ -178,12 +178,16 @@ class ProcessExecutor(Executor):
         if pool is None:
             return how
         try:
+            codes = []
             for proc in list((pool._processes or {}).values()):  # the pool exposes no exit codes
                 proc.join(1.0)
-                code = proc.exitcode
-                if code is not None and code != -signal.SIGTERM:  # the pool terminates the survivors itself
-                    how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
-                    break
+                codes.append(proc.exitcode)
+            # the pool terminates the survivors itself (SIGTERM, seen as -15 or, under load, exit status 15): the
+            # culprit is a death by another signal, else another non-zero status
+            deaths = [c for c in codes if c is not None and c not in (0, -signal.SIGTERM, signal.SIGTERM)]
+            code = next((c for c in deaths if c < 0), deaths[0] if deaths else None)
+            if code is not None:
+                how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
         except (AttributeError, ValueError):
             pass
         pool.shutdown(wait=False, cancel_futures=True)

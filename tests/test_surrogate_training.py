@@ -124,7 +124,7 @@ def test_enabled_run_relaxes_in_the_model_and_spends_one_real_point_per_build(tm
     # the row holds the relaxed structure, the replay the grid build it came from
     from asla.builder import atoms_from_actions
     row = relaxed[-1]
-    episode = next(ep for ep in trainer.replay.recent if ep.episode == row.episode)
+    episode = next(ep for ep in trainer.replay.recent if ep.episode + trainer.episode_base == row.episode)
     assert not np.allclose(row.toatoms().positions, atoms_from_actions(trainer.problem, episode.actions).positions)
     assert math.isclose(episode.energy, row.energy)
 
