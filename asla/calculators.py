@@ -221,6 +221,39 @@ BUILDERS: dict[str, Callable[..., Calculator]] = {
 ELEMENTS: dict[str, set[str] | None] = {"emt": EMT_ELEMENTS, "tersoff": {"C"}, "brenner": {"C", "H"}}
 
 
+# Keywords each built-in calculator takes (ASE's own Calculator keywords besides), so that a misspelt one is refused
+# at load time instead of silently ignored. tblite's come from its class (a light import); GPAW takes too many, and
+# its constructor checks them itself, so it is not listed; chgnet/sevennet are checked by _check_mlip.
+_ASE_KEYWORDS = {"label", "directory"}
+_KEYWORDS: dict[str, Callable[[], set[str]]] = {
+    "emt": lambda: {"asap_cutoff", "skin", "allow_carbon"},
+    "lj": lambda: {"epsilon", "sigma", "rc", "ro", "smooth"},
+    "tersoff": lambda: {"parameters", "skin"},
+    "brenner": lambda: set(),
+    "sleep": lambda: {"seconds", "inner"},
+    "tblite": lambda: _tblite_keywords(),
+}
+
+
+def _tblite_keywords() -> set[str] | None:
+    try:
+        from tblite.ase import TBLite
+    except ImportError:
+        return None  # make_calculator says what to install
+    return set(TBLite.default_parameters)
+
+
+def _check_keywords(name: str, spec: dict) -> None:
+    allowed = _KEYWORDS[name]() if name in _KEYWORDS else None
+    if allowed is None:
+        return
+    allowed |= _ASE_KEYWORDS
+    bad = sorted(k for k in spec if k != "name" and k not in allowed)
+    if bad:
+        raise ProblemError(f"calculator.{bad[0]}", f"unknown keyword for {name}; allowed: "
+                           f"{', '.join(sorted(allowed)) or 'none'}")
+
+
 def _is_import_path(name: str) -> bool:
     return ":" in name or "." in name
 
@@ -237,6 +270,7 @@ def validate_calculator_spec(spec: Any, elements: list[str]) -> dict:
                            "or an import path package.module:Class")
     if name in MLIP_MODELS:
         _check_mlip(name, spec)
+    _check_keywords(name, spec)
     allowed = ELEMENTS.get(name)
     if allowed is not None:
         bad = sorted(set(elements) - allowed)

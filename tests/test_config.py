@@ -290,3 +290,20 @@ def test_readme_problem_example_is_a_valid_problem_naming_every_field():
     assert problem.bag == {"Pd": 9, "O": 6} and problem.grid.n_layers == 3
     for field in (f.name for f in __import__("dataclasses").fields(ProblemSpec)):
         assert re.search(rf"\b{field}\b", block), f"problem field {field} is not in the README's example"
+
+
+@pytest.mark.parametrize(("calculator", "field"), [
+    ({"name": "emt", "cutoff": 6.0}, "calculator.cutoff"),
+    ({"name": "lj", "epsilon": 1.0, "sigam": 2.0}, "calculator.sigam"),
+    ({"name": "tblite", "methd": "GFN2-xTB"}, "calculator.methd"),
+])
+def test_an_unknown_calculator_keyword_is_refused_not_ignored(calculator, field):
+    with pytest.raises(ProblemError) as err:
+        load_problem("tiny-pd2o", calculator=calculator)
+    message = str(err.value)
+    assert message.startswith(field) and "allowed:" in message and "\n" not in message
+
+
+def test_known_calculator_keywords_pass():
+    assert load_problem("tiny-pd2o", calculator={"name": "lj", "epsilon": 2.0, "sigma": 2.5}).calculator["sigma"] == 2.5
+    assert load_problem("tiny-pd2o", calculator={"name": "emt", "asap_cutoff": True}).calculator["asap_cutoff"]
