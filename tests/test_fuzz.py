@@ -84,6 +84,16 @@ def refused(exc: AslaError) -> None:
     event(f"refused ({type(exc).__name__})")
 
 
+def accepted(load, *args):  # any loader, whatever it returns
+    """`load(*args)` within the time limit: its result, or None after checking that a refusal is one line."""
+    with time_limit():
+        try:
+            return load(*args)
+        except AslaError as exc:
+            refused(exc)
+            return None
+
+
 def set_dotted(data: dict, key: str, value: object) -> None:
     parts = key.split(".")
     node = data
@@ -116,14 +126,10 @@ def test_problems_load_or_are_refused_in_one_line(changes):
     data = copy.deepcopy(BASE_PROBLEM)
     for key, value in changes:
         set_dotted(data, key, value)
-    with time_limit():
-        try:
-            problem = load_problem(data)
-        except AslaError as exc:
-            refused(exc)
-            return
-    event("accepted")
-    check_problem_invariants(problem)
+    problem = accepted(load_problem, data)
+    if problem is not None:
+        event("accepted")
+        check_problem_invariants(problem)
 
 
 @hypothesis_settings
@@ -136,14 +142,10 @@ def test_problem_files_of_any_text_or_bytes(text, as_bytes):
             path.write_bytes(text.encode("latin-1", errors="replace"))
         else:
             path.write_text(yaml.safe_dump(BASE_PROBLEM) + text)  # valid YAML with anything appended
-        with time_limit():
-            try:
-                problem = load_problem(path)
-            except AslaError as exc:
-                refused(exc)
-                return
+        problem = accepted(load_problem, path)
+    if problem is not None:
         event("accepted")
-    check_problem_invariants(problem)
+        check_problem_invariants(problem)
 
 
 def check_recipe_invariants(cfg: dict) -> None:
@@ -164,14 +166,10 @@ def test_recipes_load_or_are_refused_in_one_line(changes):
     data = {"problem": "tiny-pd2o"}
     for key, value in changes:
         set_dotted(data, key, value)
-    with time_limit():
-        try:
-            cfg = load_config(data)
-        except AslaError as exc:
-            refused(exc)
-            return
-    event("accepted")
-    check_recipe_invariants(cfg)
+    cfg = accepted(load_config, data)
+    if cfg is not None:
+        event("accepted")
+        check_recipe_invariants(cfg)
 
 
 @hypothesis_settings
@@ -179,14 +177,10 @@ def test_recipes_load_or_are_refused_in_one_line(changes):
                           st.text(max_size=20)), min_size=1, max_size=3))
 def test_set_values_of_any_text(overrides):
     from asla.agents.config import load_config
-    with time_limit():
-        try:
-            cfg = load_config("tiny-pd2o", [f"{k}={v}" for k, v in overrides])
-        except AslaError as exc:
-            refused(exc)
-            return
-    event("accepted")
-    check_recipe_invariants(cfg)
+    cfg = accepted(load_config, "tiny-pd2o", [f"{k}={v}" for k, v in overrides])
+    if cfg is not None:
+        event("accepted")
+        check_recipe_invariants(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -214,12 +208,9 @@ def test_agent_cards_load_or_are_refused_in_one_line(saved_agent, changes):
         base = Path(tmp) / "a"
         base.with_suffix(".safetensors").write_bytes(saved_agent.with_suffix(".safetensors").read_bytes())
         base.with_suffix(".json").write_text(json.dumps(card))
-        with time_limit():
-            try:
-                agent = Agent.load(base)
-            except AslaError as exc:
-                refused(exc)
-                return
+        agent = accepted(Agent.load, base)
+    if agent is None:
+        return
     event("accepted")  # the network is what the weights file holds, its weights finite
     assert sum(p.numel() for p in agent.net.parameters()) == card.get("n_parameters")
     assert all(bool(p.isfinite().all()) for p in agent.net.parameters())
@@ -236,11 +227,8 @@ def test_weights_files_of_any_bytes(saved_agent, noise, cut):
             base = Path(tmp) / "a"
             base.with_suffix(".json").write_text(saved_agent.with_suffix(".json").read_text())
             base.with_suffix(".safetensors").write_bytes(data)
-            with time_limit():
-                try:
-                    agent = Agent.load(base)
-                except AslaError as exc:
-                    refused(exc)
-                    continue
+            agent = accepted(Agent.load, base)
+            if agent is None:
+                continue
             event("accepted")
             assert all(bool(p.isfinite().all()) for p in agent.net.parameters())
