@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from asla.builder import BuildState, decode_action, n_actions, observation_shape
-from asla.errors import ProblemError
+from asla.errors import ConfigError
 from asla.problem import Problem, load_problem
 from asla.render import render_atoms
 from asla.reward import EnergyEvaluator, RewardScale
@@ -154,14 +154,14 @@ class AtomBuildEnv(gym.Env):
     def _failure_reward(self, failure_reward: float | None) -> float:
         """Check reward_mode and its needs once, at construction, and fix the reward of failures."""
         if self.reward_mode not in REWARD_MODES:
-            raise ProblemError(f"reward_mode: unknown {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
+            raise ConfigError("reward_mode", f"unknown {self.reward_mode!r}; allowed: {', '.join(REWARD_MODES)}")
         if not (np.isfinite(self.fixed_scale) and self.fixed_scale > 0):
-            raise ProblemError(f"fixed_scale: must be a positive number of eV per atom, got {self.fixed_scale}")
+            raise ConfigError("fixed_scale", f"must be a positive number of eV per atom, got {self.fixed_scale}")
         ref = self.problem.reference_energy
         if self.reward_mode != "scaled" and ref is None and (self.reward_mode == "fixed" or failure_reward is None):
-            raise ProblemError(f"reward_mode: {self.reward_mode!r} needs the problem's reference energy, and "
-                               f"{self.problem.name} has none; use 'scaled'"
-                               + ("" if self.reward_mode == "fixed" else " or pass failure_reward"))
+            raise ConfigError("reward_mode", f"{self.reward_mode!r} needs the problem's reference energy, and "
+                              f"{self.problem.name} has none; use 'scaled'"
+                              + ("" if self.reward_mode == "fixed" else " or pass failure_reward"))
         if failure_reward is not None:
             return float(failure_reward)
         if self.reward_mode == "energy":
