@@ -28,14 +28,14 @@ class BestEnergy(BaseCallback):
         super().__init__()
         self.best = math.inf
         self.best_step: int | None = None
-        self.n_builds = 0
+        self.energies: list[float] = []
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
             energy = info.get("energy")
             if energy is None or not np.isfinite(energy):
                 continue
-            self.n_builds += 1
+            self.energies.append(float(energy))
             if energy < self.best:
                 self.best, self.best_step = float(energy), self.num_timesteps
         return True
@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> None:
 
     reference = env.unwrapped.problem.reference_energy
     gap = "" if reference is None else f" (reference {reference:.4f} eV, gap {callback.best - reference:+.4f} eV)"
-    print(f"{args.problem}: {callback.n_builds} builds in {args.steps} steps; best energy {callback.best:.4f} eV"
+    energies = callback.energies
+    print(f"{args.problem}: {len(energies)} builds in {model.num_timesteps} steps; best energy {callback.best:.4f} eV"
           f" at step {callback.best_step}{gap}")
+    k = min(100, len(energies) // 2)
+    if k:  # whether the policy learned: its builds' energies early and late in the run
+        print(f"mean energy of the first {k} builds {np.mean(energies[:k]):.4f} eV, of the last {k} "
+              f"{np.mean(energies[-k:]):.4f} eV")
 
 
 if __name__ == "__main__":
