@@ -56,7 +56,8 @@ class AtomBuildEnv(gym.Env):
       energy: stationary, 1 at the reference, 0 at ``fixed_scale`` eV per placed atom above it. Needs a reference.
 
     A failed calculation, a dead end and a truncation get ``failure_reward`` (default -1; in ``"energy"`` mode
-    ``-(E_ref + 2 * fixed_scale * n_atoms)``, the fixed mode's floor, so that it is below every clipped build).
+    ``-(E_ref + 2 * fixed_scale * n_atoms)``, the energy at which the fixed mode's reward reaches its floor -1; a
+    finished build still higher in energy gets less than a failure there, so set it for such problems).
 
     ## Episode End
     - Termination: the last atom of the bag is placed and scored.
