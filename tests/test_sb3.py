@@ -184,3 +184,9 @@ def test_the_extractor_runs_on_any_grid_size():
     net = extractor((True, True), shape=(5, 8, 8))
     for h, w in [(8, 8), (12, 12), (30, 18)]:
         assert net(torch.rand(1, 5, h, w, dtype=torch.float64)).shape == (1, 16)
+
+
+@pytest.mark.parametrize("mode", ["energy", "fixed"])
+def test_stationary_modes_pass_gymnasiums_env_checker(mode):
+    from gymnasium.utils.env_checker import check_env
+    check_env(gym.make("asla/tiny-pd2o-v0", reward_mode=mode).unwrapped)
