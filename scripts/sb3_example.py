@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the policy and the env")
     parser.add_argument("--reward-mode", default="fixed", choices=REWARD_MODES,
                         help="the env's reward (fixed: stationary, from the problem's reference energy)")
+    parser.add_argument("--fixed-scale", type=float, default=1.0,
+                        help="fixed mode: eV per placed atom above the reference where the reward is 0")
     args = parser.parse_args(argv)
 
-    env = gymnasium.make(f"asla/{args.problem}-v0", reward_mode=args.reward_mode)
+    env = gymnasium.make(f"asla/{args.problem}-v0", reward_mode=args.reward_mode,
+                         fixed_scale=args.fixed_scale)
     model = MaskablePPO("CnnPolicy", env, policy_kwargs=maskable_ppo_policy_kwargs(env), n_steps=256,
                         batch_size=64, seed=args.seed, verbose=0)
     callback = BestEnergy()
