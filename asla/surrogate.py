@@ -315,7 +315,7 @@ class _AgoxEnvironment:
     """What AGOX's descriptors read of an ``agox.environments.Environment``: the full structure and its species.
 
     AGOX's Environment module imports ``IndexedConstraint`` from ``ase.constraints``, which ASE 3.29 no longer
-    re-exports (scripts/bench_methods.py patches ASE for it); the descriptors need only these two methods.
+    re-exports (asla.bench.agox.patch_ase_for_agox patches ASE for it); the descriptors need only these two methods.
     """
 
     def __init__(self, problem: Problem) -> None:
@@ -352,7 +352,7 @@ def _agox_classes() -> tuple[type, type]:
     """AGOX's GPR (its log marginal likelihood returned as a scalar) and SparseGPR.
 
     AGOX 3.11.1's ``GPR._log_marginal_likelihood_gradient`` returns the likelihood as a length-1 array, which its
-    optimiser passes to float(); numpy >= 2.4 refuses that. The same fix as scripts/bench_methods.patch_agox, made
+    optimiser passes to float(); numpy >= 2.4 refuses that. The same fix as asla.bench.agox.patch_agox, made
     in subclasses here rather than on AGOX's classes, so importing asla changes nothing in AGOX.
     """
     from agox.models.GPR import GPR, SparseGPR

@@ -1,7 +1,7 @@
 """Real evaluations to the reference basin of one training run (docs/surrogate.md), judged two ways.
 
 History: the first improvement of the run's best whose grid build, relaxed offline with the problem's calculator,
-ends within 0.05 eV of the reference (`asla.basin.first_found`, the benchmark's criterion; 5 eV window as on the
+ends within 0.05 eV of the reference (`asla.bench.judge.first_found`, the benchmark's criterion; 5 eV window as on the
 oxides). Evaluated structures: the rows of evaluations.db in order (model-relaxed structures when the surrogate was
 on; surrogate-only rows skipped), each relaxed offline, the first in the basin.
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ase.db import connect
 
-from asla.basin import first_found, in_basin, relaxed_energy
+from asla.basin import in_basin, relaxed_energy
+from asla.bench.judge import first_found
 from asla.problem import load_problem
 
 

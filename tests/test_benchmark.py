@@ -414,7 +414,7 @@ def test_every_script_and_the_report_judge_by_the_one_definition_of_found(monkey
     from asla.bench.problems import bench_problem
     from asla.bench.records import judgement
     assert not hasattr(asla.basin, "first_found")  # the second definition is gone
-    for name in ("transfer", "learning_curves"):
+    for name in ("transfer", "learning_curves", "judge_surrogate_run"):
         assert script(name).first_found is judge.first_found
     assert script("basin_odds").relax is judge.relax and script("basin_odds").TOL == judge.TOL
     problem = load_problem("pd100-oxide-2x2")
