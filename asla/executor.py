@@ -35,6 +35,9 @@ def _init_worker(problem_source: dict) -> None:
     global _WORKER
     import os
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a forked worker inherits the driver's signal handlers (Ray's print a stack trace on the SIGTERM with which the
+    # pool stops its survivors): a worker simply dies
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER = EnergyEvaluator(load_problem(problem_source), use_cache=False)
 
 
@@ -172,26 +175,29 @@ class ProcessExecutor(Executor):
                      time.perf_counter() - t0)
 
     def _discard_pool(self) -> str:
-        """Shut a broken pool down; how its worker died ('SIGSEGV', 'exit status 1'), as far as can be told."""
+        """Shut a broken pool down; how its worker died ('SIGSEGV', 'exit status 1'), as far as can be told.
+
+        The pool's own manager thread reaps its workers, so an exit code read before that thread is done can still
+        be unset: the workers are taken first (shutdown drops them), and read once shutdown has waited for it."""
         pool, self.pool = self.pool, None
-        how = "unknown cause"
         if pool is None:
-            return how
+            return "unknown cause"
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # the pool exposes no exit codes
+        pool.shutdown(wait=True, cancel_futures=True)
+        codes = []
+        for proc in workers:
+            proc.join(5.0)
+            codes.append(proc.exitcode)
+        # the pool terminates the survivors itself (SIGTERM, seen as -15 or, under load, exit status 15): the
+        # culprit is a death by another signal, else another non-zero status
+        deaths = [c for c in codes if c is not None and c not in (0, -signal.SIGTERM, signal.SIGTERM)]
+        code = next((c for c in deaths if c < 0), deaths[0] if deaths else None)
+        if code is None:
+            return "unknown cause"
         try:
-            codes = []
-            for proc in list((pool._processes or {}).values()):  # the pool exposes no exit codes
-                proc.join(1.0)
-                codes.append(proc.exitcode)
-            # the pool terminates the survivors itself (SIGTERM, seen as -15 or, under load, exit status 15): the
-            # culprit is a death by another signal, else another non-zero status
-            deaths = [c for c in codes if c is not None and c not in (0, -signal.SIGTERM, signal.SIGTERM)]
-            code = next((c for c in deaths if c < 0), deaths[0] if deaths else None)
-            if code is not None:
-                how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
-        except (AttributeError, ValueError):
-            pass
-        pool.shutdown(wait=False, cancel_futures=True)
-        return how
+            return signal.Signals(-code).name if code < 0 else f"exit status {code}"
+        except ValueError:
+            return f"signal {-code}"
 
     def pids(self) -> list[int]:
         return list(self._pool()._processes) if self.pool else []
