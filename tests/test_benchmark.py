@@ -54,7 +54,7 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
            "--out", str(out), "--results", str(results)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr[-3000:]
-    budgets = {"asla": 60, "asla-zeroshot": 60, "random": 60, "rss": 60, "bh": 60, "gofee": 6}
+    budgets = {"asla": 60, "asla-zeroshot": 60, "random": 60, "rss": 60, "bh": 60, "gofee": 6, "asla-surrogate": 40}
     records = {}
     for method, budget in budgets.items():
         path = results / "pd100-oxide-2x2" / f"{method}-s0.json"
@@ -64,18 +64,23 @@ def test_quick_benchmark_runs_every_method_within_budget_and_resumes(tmp_path):
         assert rec["budget"] == budget and rec["jobs"] == 2
         # a training run ends at the end of the batch that spends the budget (8 builds x 11 evaluations at most);
         # what it spends past the budget is counted but never judged
-        slack = 8 * 11 if method == "asla" else 0
+        slack = {"asla": 8 * 11, "asla-surrogate": 8}.get(method, 0)  # with the surrogate: one real point a build
         assert 0 < rec["evaluations_spent"] <= budget + slack
         assert rec["best_energy"] is not None and rec["best_relaxed_energy"] <= rec["best_energy"] + 1e-6
         assert rec["trace"] and rec["trace"][-1][0] <= min(rec["evaluations_spent"], budget)
         assert rec["found_at_evaluations"] is None or rec["found_at_evaluations"] <= budget
     assert records["gofee"]["settings"]["iterations"] >= 2
+    surrogate = records["asla-surrogate"]["settings"]
+    assert surrogate["recipe"] == "configs/pd100-oxide-2x2-surrogate.yaml" and surrogate["surrogate"]["enabled"]
+    assert records["asla"]["settings"]["surrogate"]["enabled"] is False
     assert (results / "pd100-oxide-2x2" / "asla-s0-agent.safetensors").exists()  # the trained agent is kept
     md = (out / "benchmarks.md").read_text()
-    for label in ("ASLA (scratch)", "random builder (floor)", "AGOX RSS", "AGOX basin hopping", "AGOX GOFEE"):
+    for label in ("ASLA (scratch)", "ASLA + surrogate (scratch)", "random builder (floor)", "AGOX RSS",
+                  "AGOX basin hopping", "AGOX GOFEE"):
         assert any(line.startswith(f"| {label}") for line in md.splitlines()), label
     assert records["asla-zeroshot"]["settings"]["agent"] == "pd100-oxide-3x3"  # an agent of another cell
     assert "skipped: no transfer source for pd100-oxide-2x2" in md
+    assert "| ASLA + surrogate (transfer) | skipped: no transfer source" in md
     # the one command that finishes the protocol, then the commands the records were made by
     assert "--problems pd100-oxide-2x2 --seeds 10 --stop-when-found --jobs 2 --out docs`" in md
     assert "- `python scripts/benchmark.py --quick --jobs 2 --out" in md

@@ -36,9 +36,12 @@ from asla.bench import methods as bm
 from asla.bench.judge import TOL, FoundCheck
 from asla.bench.problems import (
     DEFAULT_GOFEE_BUDGET,
+    DEFAULT_SURROGATE_BUDGET,
     DEFAULT_WINDOW,
     GOFEE_BUDGET,
     PROBLEMS,
+    SURROGATE_BUDGET,
+    SURROGATE_METHODS,
     WINDOW,
     BenchProblem,
     bench_problem,
@@ -60,12 +63,14 @@ from asla.bench.report import machine, make_report
 from asla.errors import AslaError
 from asla.storage import write_json
 
-QUICK = {"problems": ["pd100-oxide-2x2"], "seeds": 1, "budget": 60, "gofee_budget": 6}
+QUICK = {"problems": ["pd100-oxide-2x2"], "seeds": 1, "budget": 60, "gofee_budget": 6, "surrogate_budget": 40}
 
 
 def budget_for(args: argparse.Namespace, problem: BenchProblem, method: str) -> int:
     if method == "gofee":
         return args.gofee_budget or problem.budget(method)
+    if method in SURROGATE_METHODS:
+        return args.surrogate_budget or problem.budget(method)
     return args.budget or problem.budget(method)
 
 
@@ -185,6 +190,8 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=list(bm.METHODS), help=f"default: {' '.join(bm.METHODS)}")
     ap.add_argument("--recipe", help="ASLA's recipe YAML for every problem (default: configs/<name>.yaml of a shipped "
                     "problem, else the recipe defaults)")
+    ap.add_argument("--surrogate-recipe", help="the recipe of asla-surrogate and asla-transfer-surrogate for every "
+                    "problem (default: configs/<name>-surrogate.yaml of a shipped problem; else those are skipped)")
     ap.add_argument("--zero-shot", metavar="AGENT", help="the pretrained agent (shipped name or path) asla-zeroshot "
                     "builds with on every problem (default: the shipped problems' pairs, e.g. pd100-oxide-3x3 on "
                     "the 2x2 cell)")
@@ -193,8 +200,10 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 per (problem, method) (default 10)")
     ap.add_argument("--from-seed", type=int, default=0,
                     help="run seeds FROM_SEED..N-1 only (two jobs on one row; the report still covers 0..N-1)")
-    ap.add_argument("--budget", type=int, help="evaluations per run for every method but gofee (default per "
-                    "problem: the committed report's, else 10000)")
+    ap.add_argument("--budget", type=int, help="evaluations per run for every method but gofee and the surrogate "
+                    "methods (default per problem: the committed report's, else 10000)")
+    ap.add_argument("--surrogate-budget", type=int, help="real evaluations per run of the surrogate methods (default "
+                    f"per problem: {SURROGATE_BUDGET}, else {DEFAULT_SURROGATE_BUDGET})")
     ap.add_argument("--gofee-budget", type=int, help=f"evaluations per GOFEE run (default per problem: {GOFEE_BUDGET}, "
                     f"else {DEFAULT_GOFEE_BUDGET})")
     ap.add_argument("--window", type=float,
@@ -205,7 +214,7 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap.add_argument("--results", default="runs/benchmarks", help="one JSON per finished run (resume from these)")
     ap.add_argument("--quick", action="store_true",
                     help=f"each method briefly: {QUICK['problems']}, {QUICK['seeds']} seed, budget {QUICK['budget']} "
-                         f"(GOFEE {QUICK['gofee_budget']})")
+                         f"(GOFEE {QUICK['gofee_budget']}, the surrogate methods {QUICK['surrogate_budget']})")
     ap.add_argument("--checkpoint-every", type=int, default=bm.CHECKPOINT_EVERY,
                     help=f"episodes between an ASLA training run's checkpoints (default {bm.CHECKPOINT_EVERY}); "
                          "a killed benchmark resumes its training run from the last one")
@@ -247,6 +256,7 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         args.seeds = args.seeds or QUICK["seeds"]
         args.budget = args.budget or QUICK["budget"]
         args.gofee_budget = args.gofee_budget or QUICK["gofee_budget"]
+        args.surrogate_budget = args.surrogate_budget or QUICK["surrogate_budget"]
     if args.jobs < 1:
         ap.error(f"--jobs: expected a number of runs at a time >= 1, got {args.jobs}")
     if args.jobs > 1:  # N runs with N threads each would fight over the cores
@@ -254,7 +264,8 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for m in args.methods:
         if m not in bm.METHODS:
             ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
-    problems = [bench_problem(p, args.recipe, args.transfer_from, args.zero_shot) for p in args.problems]
+    problems = [bench_problem(p, args.recipe, args.transfer_from, args.zero_shot, args.surrogate_recipe)
+                for p in args.problems]
     if len({p.slug for p in problems}) != len(problems):
         ap.error("--problems: a problem is given twice")
     seeds = list(range(args.seeds or 10))
@@ -299,11 +310,11 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
               f"{_hit(rec['strict_found_at_evaluations'])} (basin check {rec['basin_check']['seconds']:.1f} s)",
               flush=True)
     for p in problems:  # skip reasons for the report, also when every run was already finished
-        for m in ("asla-transfer", "asla-zeroshot"):
+        for m in ("asla-transfer", "asla-zeroshot", "asla-surrogate", "asla-transfer-surrogate"):
             if m in args.methods and (p.slug, m) not in skips and not any(
                     record_path(results, p.slug, m, s).exists() for s in seeds):
                 try:
-                    bm.pretrained_source(m, p)
+                    bm.applicable(m, p)
                 except bm.Skipped as skip:
                     skips[(p.slug, m)] = str(skip)
     make_report(Path(args.out), problems, args.methods, seeds, skips, results)

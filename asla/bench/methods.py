@@ -9,8 +9,10 @@ global minimum is decided afterwards from that trace by asla.bench.judge, the sa
 A method is a `Method`: a label for the report, whether it trains (and so checkpoints beside its record), what it
 imports off the clock, and `run(ctx)`, which searches until the ledger stops it. Methods: asla (from scratch,
 the problem's recipe), asla-transfer (fine-tuned from a pretrained agent of another problem), asla-zeroshot (a
-pretrained agent builds, no training), random (uniformly random legal builds on the same grid with the same rules
-and evaluation: the floor), and AGOX's rss, bh and gofee (asla.bench.agox).
+pretrained agent builds, no training), asla-surrogate and asla-transfer-surrogate (those two trainings with the
+problem's surrogate recipe: each build relaxed in a model, one real single point per episode), random (uniformly
+random legal builds on the same grid with the same rules and evaluation: the floor), and AGOX's rss, bh and gofee
+(asla.bench.agox).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from asla.bench.agox import prepare_agox, run_agox
-from asla.bench.problems import TRANSFER_SOURCE, ZERO_SHOT_AGENT, BenchProblem
+from asla.bench.problems import SURROGATE_METHODS, TRANSFER_SOURCE, ZERO_SHOT_AGENT, BenchProblem
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
 from asla.problem import Problem
 from asla.storage import write_json
@@ -129,12 +131,24 @@ def _counting_problem(problem: BenchProblem, ledger_name: str) -> Problem:
     return problem.load(**{**overrides, "calculator": counting_spec(base.calculator, ledger_name)})
 
 
+def applicable(method: str, problem: BenchProblem) -> None:
+    """Skipped (with the reason the report shows) where `method` has nothing to start from on `problem`: no
+    pretrained agent of another problem, no surrogate recipe."""
+    if method in SURROGATE_METHODS and problem.surrogate_recipe is None:
+        raise Skipped(f"skipped: no surrogate recipe for {problem.slug} (give one with --surrogate-recipe RECIPE; "
+                      "the shipped problems' are configs/<name>-surrogate.yaml)")
+    if method in ("asla-transfer", "asla-zeroshot", "asla-transfer-surrogate"):
+        pretrained_source(method, problem)
+
+
 def _asla_config(ctx: RunContext) -> dict:
     budget = ctx.outcome.ledger.budget
+    surrogate = ctx.method in SURROGATE_METHODS
+    applicable(ctx.method, ctx.problem)
     cfg = ctx.problem.config([
         f"seed={ctx.seed}", "episodes=100000000", "log_images_every=100000000", "record_evaluations=false",
         f"checkpoint_every={ctx.checkpoint_every}", "executor=serial",
-        *([f"max_evaluations={budget}"] if budget else [])])
+        *([f"max_evaluations={budget}"] if budget else [])], surrogate=surrogate)
     base = ctx.problem.load(**cfg["problem_overrides"])
     cfg["problem_overrides"] = {**cfg["problem_overrides"],
                                 "calculator": counting_spec(base.calculator, ctx.ledger_name)}
@@ -145,7 +159,8 @@ def _train(ctx: RunContext, cfg: dict, init_from: str | None = None) -> None:
     """Train until the budget; a run killed midway resumes from its last checkpoint, ledger and clock included."""
     from asla.agents.training import train
     outcome = ctx.outcome
-    outcome.settings.update({"recipe": ctx.problem.recipe_label(), "problem_overrides":
+    outcome.settings.update({"recipe": ctx.problem.recipe_label(ctx.method in SURROGATE_METHODS),
+                             "surrogate": cfg.get("surrogate"), "problem_overrides":
                              {k: v for k, v in cfg["problem_overrides"].items() if k != "calculator"},
                              "n_builders": cfg["n_builders"], "init_from": init_from, "executor": "serial",
                              "stop": "max_evaluations: at the end of the batch that spends the budget; "
@@ -178,13 +193,14 @@ def _checkpointed_ledger(run_dir: Path) -> dict | None:
 
 
 def pretrained_source(method: str, problem: BenchProblem) -> str:
-    """The path of the agent from another problem that `method` (asla-transfer or asla-zeroshot) starts from;
-    Skipped (with the reason the report shows) when there is none."""
-    agent = problem.transfer_from if method == "asla-transfer" else problem.zero_shot
+    """The path of the agent from another problem that `method` (asla-transfer[-surrogate] or asla-zeroshot) starts
+    from; Skipped (with the reason the report shows) when there is none."""
+    transfer = method.startswith("asla-transfer")
+    agent = problem.transfer_from if transfer else problem.zero_shot
     if agent is None:
-        option = "--transfer-from" if method == "asla-transfer" else "--zero-shot"
-        what = "transfer source" if method == "asla-transfer" else "pretrained agent from another problem"
-        table = TRANSFER_SOURCE if method == "asla-transfer" else ZERO_SHOT_AGENT
+        option = "--transfer-from" if transfer else "--zero-shot"
+        what = "transfer source" if transfer else "pretrained agent from another problem"
+        table = TRANSFER_SOURCE if transfer else ZERO_SHOT_AGENT
         raise Skipped(f"skipped: no {what} for {problem.slug} (give one with {option} AGENT; the shipped "
                       f"problems' defaults: {', '.join(f'{v} -> {k}' for k, v in table.items())})")
     return _pretrained(agent)
@@ -200,13 +216,14 @@ def _pretrained(agent: str) -> str:
 
 
 def run_asla(ctx: RunContext) -> None:
-    """ASLA trained from scratch with the problem's recipe until the budget."""
+    """ASLA trained from scratch with the problem's recipe (asla-surrogate: its surrogate recipe) until the budget."""
     _train(ctx, _asla_config(ctx))
 
 
 def run_asla_transfer(ctx: RunContext) -> None:
-    """ASLA fine-tuned from a pretrained agent of another problem (`--transfer-from`)."""
-    path = pretrained_source("asla-transfer", ctx.problem)
+    """ASLA fine-tuned from a pretrained agent of another problem (`--transfer-from`); with asla-transfer-surrogate,
+    by the surrogate recipe."""
+    path = pretrained_source(ctx.method, ctx.problem)
     _train(ctx, _asla_config(ctx), init_from=path)
 
 
@@ -259,6 +276,8 @@ METHODS: dict[str, Method] = {
     "asla": Method("ASLA (scratch)", run_asla, training=True),
     "asla-transfer": Method("ASLA (transfer)", run_asla_transfer, training=True),
     "asla-zeroshot": Method("ASLA (pretrained, zero-shot)", run_zero_shot),
+    "asla-surrogate": Method("ASLA + surrogate (scratch)", run_asla, training=True),
+    "asla-transfer-surrogate": Method("ASLA + surrogate (transfer)", run_asla_transfer, training=True),
     "random": Method("random builder (floor)", run_random),
     "rss": Method("AGOX RSS + relaxation", run_agox, agox=True),
     "bh": Method("AGOX basin hopping", run_agox, agox=True),
