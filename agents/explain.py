@@ -53,7 +53,7 @@ from .qnetwork import QNetwork
 
 Rule = Literal["epsilon", "zplus"]
 RULES: tuple[str, ...] = ("epsilon", "zplus")
-DEFAULT_EPSILON = 1e-6  # small: close to conservation; the pretrained maps were not visibly noisier than at 1e-3
+DEFAULT_EPSILON = 1e-6  # small, so that what is not assigned is the biases' share, hardly eps's
 
 Affine = Callable[[torch.Tensor, str], torch.Tensor]  # (input, part) -> output; part: "full", "pos" or "neg"
 
@@ -155,8 +155,9 @@ def explain_build(agent: Agent, problem: Problem, steps: int | None = None, epsi
                   seed: int = 0, rule: Rule = "epsilon", epsilon: float = DEFAULT_EPSILON) -> Iterator[Step]:
     """Build one structure with the agent (greedy, or epsilon-greedy with `seed`) and explain each chosen action.
 
-    The actions are the agent's own choices (`Agent.act`), so a greedy walk-through is the build `asla build`
-    makes. Stops after `steps` steps, when the bag is empty, or at a dead end (no legal action left)."""
+    The actions are the agent's own choices (`Agent.act`, drawing from `seed` as `Agent.build` does), so this is
+    the build `asla build --episodes 1` makes with the same epsilon and seed. Stops after `steps` steps, when the
+    bag is empty, or at a dead end (no legal action left)."""
     agent.check_compatible(problem)
     check_rule(rule, epsilon)
     rng = np.random.default_rng(seed)

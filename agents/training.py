@@ -426,7 +426,7 @@ class Trainer:
     def log_images(self, step: int) -> None:
         """The best structure, the energies since the last images, and the first build step's Q-value maps."""
         _log_images(self.writer, self.agent, self.problem, self.state, self.recent_energies, step)
-        if self.cfg["log_relevance"]:
+        if self.cfg.get("log_relevance", False):  # a resolved recipe from before the option has none
             _log_relevance(self.writer, self.agent, self.problem, self.state, step)
 
     def checkpoint_if_due(self, stopping: bool = False) -> None:

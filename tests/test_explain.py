@@ -140,6 +140,8 @@ def test_shipped_agent_maps_are_finite_image_shaped_and_explain_its_own_q():
     assert all(torch.equal(before[k], v) for k, v in agent.net.state_dict().items())
     zplus = explain(agent, steps[2].observation, steps[2].explanation.action, rule="zplus")
     assert zplus.total == pytest.approx(zplus.q, rel=1e-6)
+    explored = [s.explanation.action for s in explain_build(agent, problem, epsilon_greedy=0.5, seed=1)]
+    assert explored == agent.build(problem, greedy=False, epsilon=0.5, seed=1)[0].actions != built
 
 
 def test_explain_command_writes_a_picture_per_step(tmp_path, capsys):
