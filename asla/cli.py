@@ -316,12 +316,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     write_json(out / "steps.json", {"agent": str(args.agent), "problem": problem.name, "rule": args.rule,
                                     "epsilon": args.epsilon, "seed": args.seed, "steps": rows})
     print(f"agent {args.agent} on {problem.name} ({'greedy' if args.epsilon == 0 else f'epsilon {args.epsilon}'}), "
-          f"LRP rule {args.rule}: {len(pictures)} steps explained")
+          f"LRP rule {args.rule}: {len(pictures)} step{'s' * (len(pictures) != 1)} explained")
     for r in rows:
         print(f"  step {r['step']:3d}: {r['species']:>2s} layer {r['layer']} (i, j) = ({r['i']}, {r['j']}), Q "
               f"{r['q']:.4f}; relevance placed {r['placed']:+.4f}, template {r['template']:+.4f}, bag "
               f"{r['bag']:+.4f}, unassigned {r['unassigned']:+.4f}")
-    print(f"wrote {len(pictures)} pictures and steps.json to {out}")
+    print(f"wrote {len(pictures)} picture{'s' * (len(pictures) != 1)} and steps.json to {out}")
     return 0
 
 
