@@ -187,6 +187,8 @@ class Recipe:
                                          "docs/surrogate.md)")
     checkpoint_every: int = option(200, "episodes between checkpoints", "int", minimum=1, maximum=10**9)
     log_images_every: int = option(100, "episodes between TensorBoard pictures", "int", minimum=1, maximum=10**9)
+    log_relevance: bool = option(False, "with the pictures, LRP relevance maps of the chosen action at the first "
+                                 "build step and at the best build's last step (docs/explain.md)", "bool")
     record_evaluations: bool = option(True, "every evaluated structure into the evaluations database", "bool")
     database: str | None = option(None, "evaluations database (default run_dir/evaluations.db); any ase.db URL, "
                                   "e.g. postgresql://...", "str", nullable=True, check=_writable_db)

@@ -31,7 +31,7 @@ from asla.errors import CheckpointError, ConfigError
 from asla.executor import make_executor
 from asla.lock import RunLock
 from asla.problem import load_problem
-from asla.render import render_atoms, render_heatmap
+from asla.render import render_atoms, render_heatmap, render_relevance
 from asla.reward import EnergyEvaluator, Evaluation, RewardScale, rewards
 from asla.storage import (
     EPISODE_NUMBERING,
@@ -426,6 +426,8 @@ class Trainer:
     def log_images(self, step: int) -> None:
         """The best structure, the energies since the last images, and the first build step's Q-value maps."""
         _log_images(self.writer, self.agent, self.problem, self.state, self.recent_energies, step)
+        if self.cfg.get("log_relevance", False):  # a resolved recipe from before the option has none
+            _log_relevance(self.writer, self.agent, self.problem, self.state, step)
 
     def checkpoint_if_due(self, stopping: bool = False) -> None:
         """Every checkpoint_every episodes, after the last episode, and when a callback stops the run (`stopping`)."""
@@ -690,6 +692,29 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
     for s, sym in enumerate(problem.species):
         for layer in range(problem.grid.n_layers):
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
+
+
+def _log_relevance(writer, agent: Agent, problem, state: TrainState, step: int) -> None:
+    """LRP relevance (asla.agents.explain, rule epsilon) of the atoms (placed and template channels) for the greedy
+    action at the first build step, beside its Q maps, and for the best build's last action. Draws no random
+    numbers and leaves the network as it is, so a run logs the same energies with and without these images."""
+    from asla.builder import BuildState
+
+    from .explain import explain
+    s0 = BuildState(problem)
+    cases = []
+    mask = s0.action_mask()
+    if mask.any():  # the greedy first action, as the Q maps show it
+        cases.append(("step0", s0, int(np.argmax(np.where(mask, agent.q_values(s0.observation()[None])[0], -np.inf)))))
+    if state.best_actions:
+        last = BuildState(problem)
+        for a in state.best_actions[:-1]:
+            last.place(a)
+        cases.append(("best_last_step", last, state.best_actions[-1]))
+    for name, build, action in cases:
+        e = explain(agent, build.observation(), action)
+        writer.add_image(f"relevance/{name}", render_relevance(e.relevance[:-problem.n_species].sum(0)), step,
+                         dataformats="HWC")
 
 
 def _surrogate_row(record: SurrogateRecord) -> dict:

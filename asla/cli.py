@@ -1,4 +1,4 @@
-"""The ``asla`` command: list and check problems, random builds, training, building with an agent."""
+"""The ``asla`` command: list and check problems, random builds, training, building with an agent, explaining it."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
                         f"optimizer steps, default {RELAX_STEPS}) and judge it against the reference basin")
     p.add_argument("--out", help="write the built structures (.extxyz or .db)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("explain", help="why the agent chose each site: Q map and LRP relevance map per build step "
+                       "(PNG)")
+    p.add_argument("agent", help="agent path (x.safetensors/x.json), run directory, or pretrained name")
+    p.add_argument("--problem", help="problem to build (default: the one the agent was trained on)")
+    p.add_argument("--trust-card", action="store_true",
+                   help="without --problem, load the card's problem even if it is a file or names an import-path "
+                        "calculator (which runs code: only for cards you trust)")
+    p.add_argument("--out", default="explain", help="folder for step_NNN.png and steps.json (default explain)")
+    p.add_argument("--steps", type=int, help="explain at most this many build steps (default: the whole build)")
+    p.add_argument("--epsilon", type=float, default=0.0,
+                   help="random legal action with this probability (default 0: greedy, as asla build)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random actions with --epsilon (default 0)")
+    p.add_argument("--rule", default="epsilon", help="LRP rule: epsilon (default) or zplus (docs/explain.md)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("db", help="list or export the evaluations of a run (run_dir/evaluations.db)")
     p.add_argument("run_dir", help="a run directory, or an evaluations database (.db) itself")
@@ -265,6 +280,48 @@ def cmd_build(args: argparse.Namespace) -> int:
                          calculator=problem.calculator["name"])
         print(f"wrote {len(results)} structures to {args.out}")
     print(f"total {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from asla.agents.agent import Agent, load_card_problem
+    from asla.agents.explain import RULES, explain_build, step_png
+
+    from .problem import load_problem
+    from .storage import atomic_write_bytes, write_json
+    if args.rule not in RULES:
+        raise AslaError(f"--rule: must be one of {', '.join(RULES)}, got {args.rule!r}")
+    if args.steps is not None and args.steps < 1:
+        raise AslaError(f"--steps: must be a positive integer, got {args.steps}")
+    if not (0.0 <= args.epsilon <= 1.0):
+        raise AslaError(f"--epsilon: must be a probability in [0, 1], got {args.epsilon}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AslaError(f"--out: {out} is a file; give a folder (made if missing)")
+    _explain_run_without_agent(args.agent)
+    agent = Agent.load(args.agent)
+    problem = (load_problem(args.problem) if args.problem
+               else load_card_problem(agent.card, args.agent, trust=args.trust_card))
+    agent.check_compatible(problem)
+    pictures, rows = [], []  # all made before anything is written: an error leaves no half-written folder
+    for step in explain_build(agent, problem, args.steps, args.epsilon, args.seed, args.rule):
+        e = step.explanation
+        pictures.append((f"step_{step.index:03d}.png", step_png(step, problem)))
+        rows.append({"step": step.index, "file": pictures[-1][0], "action": e.action,
+                     "species": problem.species[e.species], "layer": e.layer, "point": e.point,
+                     "i": e.point // problem.grid.nb, "j": e.point % problem.grid.nb, "q": e.q,
+                     **e.shares(problem.n_species, problem.grid.n_layers)})
+    for name, png in pictures:
+        atomic_write_bytes(out / name, png)
+    write_json(out / "steps.json", {"agent": str(args.agent), "problem": problem.name, "rule": args.rule,
+                                    "epsilon": args.epsilon, "seed": args.seed, "steps": rows})
+    print(f"agent {args.agent} on {problem.name} ({'greedy' if args.epsilon == 0 else f'epsilon {args.epsilon}'}), "
+          f"LRP rule {args.rule}: {len(pictures)} step{'s' * (len(pictures) != 1)} explained")
+    for r in rows:
+        print(f"  step {r['step']:3d}: {r['species']:>2s} layer {r['layer']} (i, j) = ({r['i']}, {r['j']}), Q "
+              f"{r['q']:.4f}; relevance placed {r['placed']:+.4f}, template {r['template']:+.4f}, bag "
+              f"{r['bag']:+.4f}, unassigned {r['unassigned']:+.4f}")
+    print(f"wrote {len(pictures)} picture{'s' * (len(pictures) != 1)} and steps.json to {out}")
     return 0
 
 
