@@ -56,6 +56,24 @@ def main(argv: list[str] | None = None) -> int:
                         "calculator, template fixed, and judged against the reference basin)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("pretrain", help="supervised pretraining on known structures (extxyz or ase.db) built in "
+                       "random orders; fine-tune the result with asla train --init-from OUT (docs/pretrain.md)")
+    p.add_argument("config", help="recipe YAML or shipped recipe name: its problem, network, learning and seed")
+    p.add_argument("--data", action="append", default=[], metavar="FILE", required=True,
+                   help="structures with energies: .extxyz/.xyz/.traj or an ase.db (.db, .json, URL); repeatable")
+    p.add_argument("--out", required=True, help="folder for agent.safetensors, agent.json, pretrain.json and "
+                   "TensorBoard (must not hold an agent yet)")
+    p.add_argument("--steps", type=int, default=1000, help="gradient steps (default 1000)")
+    p.add_argument("--orders", type=int, default=8, help="random build orders per structure (default 8)")
+    p.add_argument("--energy", default="evaluate", help="evaluate (default): each grid build's energy from the "
+                   "problem's calculator, as training's reward; stored: the file's energies, no calculator calls")
+    p.add_argument("--tolerance", type=float, default=0.5,
+                   help="A: an atom farther than this from every grid point does not fit (default 0.5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set seed=3 --set learning.batch_size=32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("build", help="build structures with a trained or pretrained agent")
     p.add_argument("agent", help="agent path (x.safetensors/x.json), run directory, or pretrained name")
     p.add_argument("--problem", help="problem to build (default: the one the agent was trained on)")
@@ -221,6 +239,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                  f"{'in' if found else 'not in'} the reference basin)")
     print(line + f", {summary['episodes_per_second']:.1f} episodes/s")
     print(f"TensorBoard: tensorboard --logdir {summary['run_dir']}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from asla.agents.pretrain import pretrain
+    r = pretrain(args.config, args.data, args.out, steps=args.steps, orders=args.orders, energy=args.energy,
+                 tolerance=args.tolerance, overrides=list(args.overrides), progress=not args.no_progress)
+    skipped = sum(r.skipped.values())
+    print(f"{r.problem}: {r.read} structures read, {r.used} used ({r.orders} orders each, {r.episodes} build "
+          f"sequences), {r.duplicates} duplicates, {skipped} skipped"
+          + (": " + ", ".join(f"{n} {kind}" for kind, n in r.skipped.items()) if skipped else ""))
+    for kind, example in r.skipped_examples.items():
+        print(f"  {kind}: e.g. {example}")
+    how = f"evaluated, {r.evaluations} calculator evaluations" if r.energy == "evaluate" else "as stored"
+    print(f"energies ({how}): lowest {r.energies['lowest']:.4f}, median {r.energies['median']:.4f} eV; "
+          f"{r.steps} gradient steps, loss {r.loss_first:.4f} -> {r.loss_last:.4f}, {r.seconds:.1f} s")
+    print(f"wrote {Path(args.out) / 'agent.safetensors'}, agent.json and pretrain.json; fine-tune with: asla train "
+          f"{args.config} --init-from {args.out}")
     return 0
 
 
