@@ -5,7 +5,9 @@ a known structure, built atom by atom in any legal order, is a demonstration who
 structure's reward. Here the structures come from an extxyz file or an ase.db (another search method's database, a
 previous run's evaluations.db, the problem's reference structure), and pretraining reads top to bottom:
 
-1. read: every structure of the files, with its stored energy (`read_structures`);
+1. read: every structure of the files, with its stored energy (`read_structures`), and optionally `random`
+   uniformly random legal builds, evaluated as training evaluates them: the contrast a set of good structures lacks
+   (without it nothing tells the network that the actions no demonstration takes are worse);
 2. snap: each onto the problem's grid (`snap`): the template's atoms are recognised and dropped, each placed atom
    goes to its nearest grid point; a structure that does not fit (cell, template, composition, an atom farther
    than the tolerance from every grid point, two atoms on one point, the placement rules) is skipped with its
@@ -97,10 +99,11 @@ class PretrainReport:
     problem: str = ""
     data: list[str] = field(default_factory=list)
     read: int = 0
-    used: int = 0
+    used: int = 0  # structures of the files used
     skipped: dict[str, int] = field(default_factory=dict)  # reason kind -> count
     skipped_examples: dict[str, str] = field(default_factory=dict)  # reason kind -> the first such reason in full
     duplicates: int = 0  # structures that snapped onto a build already used (symmetry included)
+    random: int = 0  # uniformly random legal builds used besides them, as contrast
     orders: int = 0
     episodes: int = 0
     steps: int = 0
@@ -142,6 +145,21 @@ def read_structures(path: str | Path) -> list[Known]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError("--data", f"cannot read {name!r}: {first[:200]}") from None
     return [Known(f"{name}@{n}", a, _stored_energy(a)) for n, a in enumerate(frames)]
+
+
+def random_structures(problem: Problem, n: int, rng: np.random.Generator, evaluator: EnergyEvaluator) -> list[Known]:
+    """`n` uniformly random legal builds (`asla.builder.random_build`; dead ends are drawn again, at most 10 n
+    draws), each with its energy from `evaluator`, as the training loop's first, random, episodes get it."""
+    from asla.builder import random_build
+    out: list[Known] = []
+    for _ in range(10 * n):
+        if len(out) == n:
+            break
+        state = random_build(problem, rng)
+        if state.done:
+            ev = evaluator.evaluate(state.atoms(), key=state.canonical_key())
+            out.append(Known(f"random-build@{len(out)}", ev.atoms, ev.energy if ev.ok else math.nan))
+    return out
 
 
 def _stored_energy(atoms: Atoms) -> float:
@@ -293,17 +311,19 @@ def demonstrations(problem: Problem, known: list[Known], orders: int, rng: np.ra
 # ---- 5. learn, 6. save -------------------------------------------------------------------------------
 
 def pretrain(config: dict | str, data: list[str | Path], out: str | Path, steps: int = 1000, orders: int = 8,
-             energy: str = "evaluate", tolerance: float = DEFAULT_TOLERANCE, overrides: list[str] | None = None,
-             progress: bool = False) -> PretrainReport:
+             energy: str = "evaluate", tolerance: float = DEFAULT_TOLERANCE, random: int = 0,
+             overrides: list[str] | None = None, progress: bool = False) -> PretrainReport:
     """Pretrain the recipe's Q-network on the structures of `data` and save it in the folder `out`.
 
     The recipe gives the problem (with its problem_overrides), the network, the learning options (target, loss, lr,
     batch_size, best_fraction, order_free, reward, reward_quantile, n_best), the augmentation and the seed, as for
-    training. The replay buffer holds every order of every structure. Returns the report (also out/pretrain.json).
+    training. `random`: that many uniformly random legal builds join the structures (evaluated, and counted in the
+    report's evaluations). The replay buffer holds every order of every structure. Returns the report (also
+    out/pretrain.json).
     """
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)
-    _check_options(data, out, steps, orders, tolerance, energy)
+    _check_options(data, out, steps, orders, tolerance, energy, random)
     problem = load_problem(cfg["problem"], **cfg["problem_overrides"])
     torch.set_num_threads(int(cfg["torch_threads"]))
     rng = np.random.default_rng(cfg["seed"])
@@ -312,16 +332,21 @@ def pretrain(config: dict | str, data: list[str | Path], out: str | Path, steps:
     agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
                               device=cfg["device"])
     report = PretrainReport(problem=problem.name, data=[str(d) for d in data], orders=orders, steps=steps,
-                            energy=energy, tolerance=tolerance, seed=int(cfg["seed"]))
+                            energy=energy, tolerance=tolerance, seed=int(cfg["seed"]), random=random)
     known = [k for path in data for k in read_structures(path)]
     report.read = len(known)
-    demos = demonstrations(problem, known, orders, rng, tolerance, energy,
-                           EnergyEvaluator(problem, use_cache=True), report)
+    evaluator = EnergyEvaluator(problem, use_cache=True)
+    demos = demonstrations(problem, known, orders, rng, tolerance, energy, evaluator, report)
     if not demos:
         reasons = "; ".join(f"{n} {kind} ({report.skipped_examples[kind]})" for kind, n in report.skipped.items())
-        raise ConfigError("--data", f"none of the {len(known)} structures fits problem {problem.name}: "
+        raise ConfigError("--data", f"none of the {report.read} structures fits problem {problem.name}: "
                           f"{reasons or 'the files hold no structures'}")
     report.used = len(demos)
+    if random:  # each evaluated once here; demonstrations() finds it in the evaluator's cache
+        demos += demonstrations(problem, random_structures(problem, random, rng, evaluator), orders, rng, tolerance,
+                                energy, evaluator, report)
+        report.random = len(demos) - report.used
+    report.evaluations = evaluator.n_calls
     learn_cfg = cfg["learning"]
     replay, scale = ReplayBuffer(sum(len(d.orders) for d in demos), learn_cfg["n_best"]), RewardScale(
         quantile=learn_cfg["reward_quantile"], kind=learn_cfg["reward"], resolution=learn_cfg["reward_resolution"])
@@ -342,14 +367,15 @@ def pretrain(config: dict | str, data: list[str | Path], out: str | Path, steps:
     name = cfg["problem"] if isinstance(cfg["problem"], str) else cfg["name"]
     agent.save(out / "agent", problem=name, episodes=0, best_energy=report.energies["lowest"],
                trained_with=cfg.get("command"), pretrained={k: v for k, v in asdict(report).items()
-                                                            if k in ("data", "used", "orders", "steps", "energy",
+                                                            if k in ("data", "used", "random", "orders", "steps",
+                                                                     "energy",
                                                                      "evaluations", "seed")})
     write_json(out / "pretrain.json", asdict(report))
     return report
 
 
 def _check_options(data: list[str | Path], out: str | Path, steps: int, orders: int, tolerance: float,
-                   energy: str) -> None:
+                   energy: str, random: int) -> None:
     """The options, before anything is read or written."""
     if not data:
         raise ConfigError("--data", "give at least one extxyz file or ase.db of structures")
@@ -357,6 +383,8 @@ def _check_options(data: list[str | Path], out: str | Path, steps: int, orders: 
         raise ConfigError("--steps", f"gradient steps must be a positive integer, got {steps!r}")
     if not isinstance(orders, int) or orders < 1:
         raise ConfigError("--orders", f"build orders per structure must be a positive integer, got {orders!r}")
+    if not isinstance(random, int) or random < 0:
+        raise ConfigError("--random", f"random builds must be a non-negative integer, got {random!r}")
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance <= 5):
         raise ConfigError("--tolerance", f"must be a distance in A in (0, 5], got {tolerance!r}")
     if energy not in ENERGY_MODES:

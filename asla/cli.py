@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orders", type=int, default=8, help="random build orders per structure (default 8)")
     p.add_argument("--energy", default="evaluate", help="evaluate (default): each grid build's energy from the "
                    "problem's calculator, as training's reward; stored: the file's energies, no calculator calls")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="also N uniformly random legal builds, evaluated (the contrast a set of good structures "
+                        "lacks; default 0)")
     p.add_argument("--tolerance", type=float, default=0.5,
                    help="A: an atom farther than this from every grid point does not fit (default 0.5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -245,14 +248,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from asla.agents.pretrain import pretrain
     r = pretrain(args.config, args.data, args.out, steps=args.steps, orders=args.orders, energy=args.energy,
-                 tolerance=args.tolerance, overrides=list(args.overrides), progress=not args.no_progress)
+                 tolerance=args.tolerance, random=args.random, overrides=list(args.overrides),
+                 progress=not args.no_progress)
     skipped = sum(r.skipped.values())
     print(f"{r.problem}: {r.read} structures read, {r.used} used ({r.orders} orders each, {r.episodes} build "
-          f"sequences), {r.duplicates} duplicates, {skipped} skipped"
+          f"sequences){f', {r.random} random builds' if r.random else ''}, {r.duplicates} duplicates, {skipped} skipped"
           + (": " + ", ".join(f"{n} {kind}" for kind, n in r.skipped.items()) if skipped else ""))
     for kind, example in r.skipped_examples.items():
         print(f"  {kind}: e.g. {example}")
-    how = f"evaluated, {r.evaluations} calculator evaluations" if r.energy == "evaluate" else "as stored"
+    how = "evaluated" if r.energy == "evaluate" else "as stored"
+    how += f", {r.evaluations} calculator evaluations"
     print(f"energies ({how}): lowest {r.energies['lowest']:.4f}, median {r.energies['median']:.4f} eV; "
           f"{r.steps} gradient steps, loss {r.loss_first:.4f} -> {r.loss_last:.4f}, {r.seconds:.1f} s")
     print(f"wrote {Path(args.out) / 'agent.safetensors'}, agent.json and pretrain.json; fine-tune with: asla train "

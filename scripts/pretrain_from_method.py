@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--orders", type=int, default=8)
     ap.add_argument("--energy", default="evaluate")
+    ap.add_argument("--random", type=int, default=50, help="uniformly random legal builds as contrast (default 50)")
     ap.add_argument("--tolerance", type=float, default=1.0,
                     help="A (default 1.0: relaxed structures of a continuous search sit off the build layers by "
                          "more than asla pretrain's default 0.5; each snapped build is evaluated on the grid)")
@@ -82,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_config(recipe_name)
         data = args.data or [run_source(args.problem, args.method, args.budget, args.source_seed, out)]
         report = pretrain(recipe_name, data, out / "agent", steps=args.steps, orders=args.orders,
-                          energy=args.energy, tolerance=args.tolerance)
+                          energy=args.energy, tolerance=args.tolerance, random=args.random)
     except AslaError as exc:
         print(f"pretrain_from_method: error: {exc}", file=sys.stderr)
         return 2
-    print(f"pretrained on {report.used} of {report.read} structures ({report.duplicates} duplicates, skipped "
+    print(f"pretrained on {report.used} of {report.read} structures and {report.random} random builds "
+          f"({report.duplicates} duplicates, skipped "
           f"{report.skipped or 'none'}), {report.evaluations} evaluations for their grid energies, "
           f"{report.steps} steps, loss {report.loss_first:.4f} -> {report.loss_last:.4f}, {report.seconds:.0f} s")
     torch.manual_seed(recipe["seed"])  # the network pretraining started from

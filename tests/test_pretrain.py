@@ -226,3 +226,14 @@ def test_an_evaluations_database_of_a_run_is_read_with_its_energies(tmp_path):
     known = read_structures(tmp_path / "evaluations.db")
     assert [k.energy for k in known] == [10.0, 11.0, 12.0]
     assert all(len(snap(problem, k.atoms)[0]) == 3 for k in known)
+
+
+def test_random_builds_join_as_contrast_and_their_evaluations_are_counted(tmp_path):
+    data = _random_file("tiny-pd2o", tmp_path / "known.extxyz", 2, seed=4)
+    r = pretrain(_tiny_recipe(), [data], tmp_path / "a", steps=3, orders=2, energy="stored", random=5)
+    assert r.random >= 1 and r.random + r.duplicates - (2 - r.used) == 5  # every random build used or a repeat
+    # stored energies cost nothing; each random build costs one single point (a repeat is a cache hit)
+    assert 1 <= r.evaluations <= 5 and r.episodes == 2 * (r.used + r.random)
+    assert json.loads((tmp_path / "a" / "agent.json").read_text())["pretrained"]["random"] == r.random
+    with pytest.raises(ConfigError, match="--random"):
+        pretrain(_tiny_recipe(), [data], tmp_path / "b", random=-1)
