@@ -30,6 +30,7 @@ Everything is checked before anything is written; the same seed gives the same a
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -179,6 +180,7 @@ def snap(problem: Problem, atoms: Atoms, tolerance: float = DEFAULT_TOLERANCE) -
     matched one to one) and dropped; the rest must be the bag, and each goes to the nearest (layer, grid point) in
     3D, which must lie within `tolerance`. Two atoms on one point, or a build that breaks the placement rules in
     every order, do not fit either (checked by `build_orders`)."""
+    from scipy.optimize import linear_sum_assignment
     grid, template = problem.grid, problem.template
     cell = np.asarray(atoms.cell.array, dtype=float)
     if np.abs(cell[:2, :2] - np.asarray(problem.cell, dtype=float)[:2, :2]).max() > CELL_TOLERANCE:
@@ -191,7 +193,6 @@ def snap(problem: Problem, atoms: Atoms, tolerance: float = DEFAULT_TOLERANCE) -
         a_idx = np.flatnonzero(symbols == sym)
         if len(a_idx) < len(t_idx):
             raise DoesNotFit(f"template: the structure has {len(a_idx)} {sym}, the template alone {len(t_idx)}")
-        from scipy.optimize import linear_sum_assignment
         d = grid.min_image_distances(template.positions[t_idx], atoms.positions[a_idx])
         rows, cols = linear_sum_assignment(d)
         worst = int(np.argmax(d[rows, cols]))
@@ -365,11 +366,10 @@ def pretrain(config: dict | str, data: list[str | Path], out: str | Path, steps:
     report.loss_first, report.loss_last = float(np.mean(losses[:tenth])), float(np.mean(losses[-tenth:]))
     report.seconds = time.perf_counter() - t0
     name = cfg["problem"] if isinstance(cfg["problem"], str) else cfg["name"]
-    agent.save(out / "agent", problem=name, episodes=0, best_energy=report.energies["lowest"],
-               trained_with=cfg.get("command"), pretrained={k: v for k, v in asdict(report).items()
-                                                            if k in ("data", "used", "random", "orders", "steps",
-                                                                     "energy",
-                                                                     "evaluations", "seed")})
+    card_keys = ("data", "used", "random", "orders", "steps", "energy", "evaluations", "seed")
+    command = cfg.get("command") or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    agent.save(out / "agent", problem=name, episodes=0, best_energy=report.energies["lowest"], trained_with=command,
+               pretrained={k: v for k, v in asdict(report).items() if k in card_keys})
     write_json(out / "pretrain.json", asdict(report))
     return report
 
