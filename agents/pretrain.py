@@ -158,8 +158,9 @@ def random_structures(problem: Problem, n: int, rng: np.random.Generator, evalua
             break
         state = random_build(problem, rng)
         if state.done:
+            # the grid build itself: the evaluator's atoms are relaxed when the problem relaxes before the reward
             ev = evaluator.evaluate(state.atoms(), key=state.canonical_key())
-            out.append(Known(f"random-build@{len(out)}", ev.atoms, ev.energy if ev.ok else math.nan))
+            out.append(Known(f"random-build@{len(out)}", state.atoms(), ev.energy if ev.ok else math.nan))
     return out
 
 

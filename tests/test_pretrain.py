@@ -237,3 +237,17 @@ def test_random_builds_join_as_contrast_and_their_evaluations_are_counted(tmp_pa
     assert json.loads((tmp_path / "a" / "agent.json").read_text())["pretrained"]["random"] == r.random
     with pytest.raises(ConfigError, match="--random"):
         pretrain(_tiny_recipe(), [data], tmp_path / "b", random=-1)
+
+
+def test_the_measurement_script_pretrains_from_files_and_compares_greedy_builds(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_from_method.py"), "--problem",
+                           "pd100-oxide-2x2", "--data", str(REFERENCE_2X2), "--random", "3", "--steps", "3",
+                           "--orders", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    greedy = json.loads((out / "greedy.json").read_text())
+    assert greedy["pretrain"]["used"] == 1 and greedy["pretrain"]["random"] == 3
+    assert np.isfinite(greedy["untrained"]) and np.isfinite(greedy["pretrained"])
+    assert "--transfer-from" in done.stdout and (out / "agent" / "agent.safetensors").exists()
