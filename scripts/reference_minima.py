@@ -91,6 +91,10 @@ class Search:
                     trial.positions[i, 2] = self.rng.choice(self.p.grid.layer_z)
             else:
                 trial.positions[n_t:] += self.rng.normal(0, 0.4, size=(len(trial) - n_t, 3))
+                if not any(self.p.pbc) and self.p.grid.n_layers == 1:
+                    # a molecule built in one plane: its builds relax within the plane (the out-of-plane forces
+                    # vanish by symmetry), so the search stays in it too
+                    trial.positions[n_t:, 2] = self.p.grid.layer_z[0]
             d = trial.get_all_distances(mic=True)[n_t:, :]
             np.fill_diagonal(d[:, n_t:], 9.0)
             if d.min() < 0.8:
@@ -185,6 +189,100 @@ def overlayer_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> 
             f"{min(top_k, len(scored))} lowest relaxed")
 
 
+def stacking_sites(p) -> np.ndarray:  # an asla Problem
+    """The surface's hollow sites that continue the crystal's stacking: the in-plane positions of the template
+    atoms of the second and third planes from the top that no top-plane atom covers (fcc(100): the four-fold
+    hollows; fcc(111): the hcp and fcc hollows), as grid points. Empty without a template."""
+    if not len(p.template):
+        return np.zeros(0, dtype=int)
+    z = p.template.positions[:, 2]
+    planes = sorted({round(float(v), 1) for v in z}, reverse=True)
+    top = p.template.positions[np.abs(z - z.max()) < 0.3]
+    top_pts = set(p.grid.nearest_point(top).tolist())
+    below = p.template.positions[np.isin(np.round(z, 1), planes[1:3])]
+    return np.array(sorted(set(p.grid.nearest_point(below).tolist()) - top_pts), dtype=int)
+
+
+def _labellings(labels: list[int]):
+    """Every distinct ordering of a multiset of labels (itertools.permutations would repeat each many times)."""
+    if not labels:
+        yield ()
+        return
+    for first in sorted(set(labels)):
+        rest = list(labels)
+        rest.remove(first)
+        for tail in _labellings(rest):
+            yield (first, *tail)
+
+
+def lattice_gas_phase(search: Search, top_k: int) -> str:
+    """Exhaustive search within the lattice-gas motif of adatoms: every symmetry-distinct way to put the bag's
+    atoms, one per site, on the surface's stacking sites (`stacking_sites`) in the lowest build layer, scored by
+    a single point on the grid; the `top_k` lowest are relaxed (template fixed). Says in one line where it does
+    not apply (no template, fewer sites than atoms, or a pair of occupied sites closer than rules.c_min allows
+    is never scored: the builder could not make it)."""
+    from itertools import combinations
+
+    from asla.problem import covalent_radius
+    p = search.p
+    sites = stacking_sites(p)
+    n = p.n_atoms
+    if len(sites) < n:
+        return (f"lattice-gas search not applicable: {len(sites)} stacking sites for {n} atoms "
+                f"(needs a template surface with at least as many hollow sites as atoms)")
+    layer = int(np.argmin(p.grid.layer_z))
+    ms, ts = p.symmetry.all_ops()
+    mapped = p.symmetry.apply(ms, ts, np.broadcast_to(sites, (len(ms), len(sites))))
+    index = {int(k): m for m, k in enumerate(sites)}
+    if any(int(k) not in index for k in mapped.ravel()):
+        return "lattice-gas search not applicable: the problem's symmetry does not map the hollow sites onto themselves"
+    perms = np.array([[index[int(k)] for k in row] for row in mapped])  # (G, S): site m goes to perms[g, m]
+    species = list(p.bag)
+    labels = [s + 1 for s, sp in enumerate(species) for _ in range(p.bag[sp])]  # 1..n_species
+    # every labelling of the sites (0: empty), canonical under the group: the smallest base-(n_species+1) code
+    base = len(species) + 1
+    weights = base ** np.arange(len(sites), dtype=np.int64)[::-1]
+    inverse = np.argsort(perms, axis=1)  # labelling x mapped by g: y[perms[g, m]] = x[m], i.e. y = x[inverse[g]]
+    occupancy = list(combinations(range(len(sites)), n))
+    decorations = np.array(list(_labellings(labels)), dtype=np.int64)
+    pos = p.grid.positions[layer, sites]
+    radii = np.array([covalent_radius(sp) for sp in species])
+    xy = pos[:, :2]
+    frac = (xy @ p.grid.ab_inv)
+    dfrac = frac[:, None, :] - frac[None, :, :]
+    if p.grid.periodic:
+        dfrac -= np.round(dfrac)
+    dist = np.linalg.norm(dfrac @ p.grid.ab, axis=-1)
+    unique: dict[int, np.ndarray] = {}
+    for occ in occupancy:
+        occ = np.array(occ)
+        x = np.zeros((len(decorations), len(sites)), dtype=np.int64)
+        x[:, occ] = decorations
+        r = radii[decorations - 1]  # (D, n): the occupied sites' covalent radii
+        too_close = (dist[np.ix_(occ, occ)] + np.eye(n) * 99)[None] < p.rules.c_min * (r[:, :, None] + r[:, None, :])
+        x = x[~too_close.any(axis=(1, 2))]
+        if not len(x):
+            continue
+        codes = np.min(x[:, inverse] @ weights, axis=1)  # (D,)
+        for c, row in zip(codes.tolist(), x):
+            if c not in unique:
+                unique[c] = row
+    scored = []
+    for row in unique.values():
+        actions = [encode_action(p, int(row[m]) - 1, layer, int(sites[m])) for m in np.flatnonzero(row)]
+        atoms = atoms_from_actions(p, actions)
+        atoms.calc = search.calc
+        scored.append((float(atoms.get_potential_energy()), actions))
+        search.n_calls += 1
+    scored.sort(key=lambda r: r[0])
+    for _, actions in scored[:top_k]:
+        search.relax(atoms_from_actions(p, actions))
+    return (f"lattice-gas search: every one of the {len(unique)} symmetry-distinct ways to put "
+            f"{' + '.join(f'{k} {sp}' for sp, k in p.bag.items())} on the {len(sites)} hollow sites of the lowest "
+            f"build layer (one atom per site), single points on the grid, the {min(top_k, len(scored))} lowest "
+            f"relaxed")
+
+
 def honeycomb(problem) -> Atoms:
     """The perfect honeycomb on a (2sqrt3 x 2sqrt3)R30 cell: its sites are multiples of 1/6 of the cell."""
     from ase.build import graphene, make_supercell
@@ -235,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--motif-top-k", type=int, default=0,
                     help="overlayer motif (the template's metal in the hollows, one other element above top sites): "
                          "relax the K lowest arrangements first (0: skip); says so where the bag does not fit it")
+    ap.add_argument("--lattice-gas-top-k", type=int, default=0,
+                    help="adatoms: every symmetry-distinct filling of the surface's hollow sites by the bag in the "
+                         "lowest build layer scored by a single point, the K lowest relaxed first (0: skip); says so "
+                         "where the problem does not fit it")
+    ap.add_argument("--candidates", help="a structure file (every frame: template + bag atoms) of chemically "
+                    "motivated candidates, each relaxed first")
     ap.add_argument("--out", default="docs", help="where reference-minima.json/.md and reference/ go (default ./docs)")
     ap.add_argument("--update-yaml", action="store_true",
                     help="write a new reference into the problem's YAML (a shipped problem's file too); default: "
@@ -263,6 +367,17 @@ def main(argv: list[str] | None = None) -> int:
             search.random_phase(60 * min(args.minutes, 2))
         else:
             phases = []
+            if args.candidates:
+                from ase.io import read
+                frames = read(args.candidates, index=":")
+                for frame in frames:
+                    search.relax(frame)
+                phases.append(f"{len(frames)} candidates of {args.candidates} relaxed: {search.best_e:.4f} eV")
+            if args.lattice_gas_top_k:
+                gas = lattice_gas_phase(search, args.lattice_gas_top_k)
+                print(f"{key}: {gas}", flush=True)
+                if not gas.startswith("lattice-gas search not applicable"):
+                    phases.append(gas + f": {search.best_e:.4f} eV")
             if args.motif_top_k:
                 motif = overlayer_motif_phase(search, args.motif_top_k)
                 print(f"{key}: {motif}", flush=True)
@@ -274,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(f"basin hopping from the best so far (kT 0.15 eV; moves of one or two atoms to random "
                           f"sites, or rattles of all placed atoms): {search.best_e:.4f} eV")
             motif_arg = f" --motif-top-k {args.motif_top_k}" if args.motif_top_k else ""
+            motif_arg += f" --lattice-gas-top-k {args.lattice_gas_top_k}" if args.lattice_gas_top_k else ""
+            motif_arg += f" --candidates {args.candidates}" if args.candidates else ""
+            motif_arg += f" --seed {args.seed}" if args.seed else ""
             how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
                    f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
                    + f". python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}{motif_arg}.")
