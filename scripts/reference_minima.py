@@ -46,6 +46,10 @@ class Search:
         self.best: Atoms | None = None
         self.best_e = math.inf
         self.log: list[str] = []
+        self.near: list[tuple[float, Atoms]] = []  # relaxed structures within NEAR eV of the best, for the gap
+
+    NEAR = 0.1  # eV: relaxed structures kept to find the lowest one distinct from the minimum
+    NEAR_KEPT = 300
 
     def relax(self, atoms: Atoms, fmax: float = 0.05, steps: int = 400) -> tuple[float, Atoms]:
         a = atoms.copy()
@@ -64,7 +68,24 @@ class Search:
         if e < self.best_e - 1e-6:
             self.best_e, self.best = e, a.copy()
             self.log.append(f"{self.n_relax} relaxations: {e:.4f} eV")
+        if e < self.best_e + self.NEAR:
+            self.near.append((e, a.copy()))
+            if len(self.near) > 2 * self.NEAR_KEPT:
+                self.near = sorted((r for r in self.near if r[0] < self.best_e + self.NEAR), key=lambda r: r[0])
+                self.near = self.near[:self.NEAR_KEPT]
         return e, a
+
+    def second_minimum(self) -> float | None:
+        """How far (eV) above the best the lowest relaxed structure lies that is not the best itself (the strict
+        criterion's test, asla.bench.judge.same_structure); None if none within NEAR eV was relaxed. An energy
+        window of 0.05 eV counts structures this close as found; the strict criterion does not."""
+        from asla.bench.judge import same_structure
+        if self.best is None:
+            return None
+        for e, atoms in sorted(self.near, key=lambda r: r[0]):
+            if e < self.best_e + self.NEAR and not same_structure(self.p, atoms, self.best):
+                return e - self.best_e
+        return None
 
     def random_phase(self, seconds: float) -> float:
         """Relax random legal builds for `seconds`; returns the lowest energy this phase reached by itself."""
@@ -215,61 +236,64 @@ def _labellings(labels: list[int]):
             yield (first, *tail)
 
 
-def lattice_gas_phase(search: Search, top_k: int) -> str:
-    """Exhaustive search within the lattice-gas motif of adatoms: every symmetry-distinct way to put the bag's
-    atoms, one per site, on the surface's stacking sites (`stacking_sites`) in the lowest build layer, scored by
-    a single point on the grid; the `top_k` lowest are relaxed (template fixed). Says in one line where it does
-    not apply (no template, fewer sites than atoms, or a pair of occupied sites closer than rules.c_min allows
-    is never scored: the builder could not make it)."""
+def lattice_gas_arrangements(p) -> list[list[int]] | str:  # an asla Problem
+    """Every symmetry-distinct way to put the bag's atoms, one per site, on the surface's stacking sites
+    (`stacking_sites`) in the lowest build layer, as the builder's actions (one representative each); or the one-line
+    reason this motif does not apply (no template, fewer sites than atoms, a symmetry that does not map the sites
+    onto themselves). Arrangements with two atoms closer than rules.c_min allows are left out: the builder could
+    not make them."""
     from itertools import combinations
 
     from asla.problem import covalent_radius
-    p = search.p
     sites = stacking_sites(p)
     n = p.n_atoms
     if len(sites) < n:
-        return (f"lattice-gas search not applicable: {len(sites)} stacking sites for {n} atoms "
-                f"(needs a template surface with at least as many hollow sites as atoms)")
+        return (f"{len(sites)} stacking sites for {n} atoms (needs a template surface with at least as many hollow "
+                f"sites as atoms)")
     layer = int(np.argmin(p.grid.layer_z))
     ms, ts = p.symmetry.all_ops()
     mapped = p.symmetry.apply(ms, ts, np.broadcast_to(sites, (len(ms), len(sites))))
     index = {int(k): m for m, k in enumerate(sites)}
     if any(int(k) not in index for k in mapped.ravel()):
-        return "lattice-gas search not applicable: the problem's symmetry does not map the hollow sites onto themselves"
+        return "the problem's symmetry does not map the hollow sites onto themselves"
     perms = np.array([[index[int(k)] for k in row] for row in mapped])  # (G, S): site m goes to perms[g, m]
     species = list(p.bag)
-    labels = [s + 1 for s, sp in enumerate(species) for _ in range(p.bag[sp])]  # 1..n_species
-    # every labelling of the sites (0: empty), canonical under the group: the smallest base-(n_species+1) code
-    base = len(species) + 1
-    weights = base ** np.arange(len(sites), dtype=np.int64)[::-1]
-    inverse = np.argsort(perms, axis=1)  # labelling x mapped by g: y[perms[g, m]] = x[m], i.e. y = x[inverse[g]]
-    occupancy = list(combinations(range(len(sites)), n))
+    labels = [s + 1 for s, sp in enumerate(species) for _ in range(p.bag[sp])]  # 1..n_species; 0: an empty site
+    # a labelling x of the sites mapped by g is y[perms[g, m]] = x[m], i.e. y = x[inverse[g]]; its class is named by
+    # the smallest base-(n_species + 1) code of its images
+    weights = (len(species) + 1) ** np.arange(len(sites), dtype=np.int64)[::-1]
+    inverse = np.argsort(perms, axis=1)
     decorations = np.array(list(_labellings(labels)), dtype=np.int64)
-    pos = p.grid.positions[layer, sites]
     radii = np.array([covalent_radius(sp) for sp in species])
-    xy = pos[:, :2]
-    frac = (xy @ p.grid.ab_inv)
+    frac = p.grid.positions[layer, sites, :2] @ p.grid.ab_inv
     dfrac = frac[:, None, :] - frac[None, :, :]
     if p.grid.periodic:
         dfrac -= np.round(dfrac)
     dist = np.linalg.norm(dfrac @ p.grid.ab, axis=-1)
     unique: dict[int, np.ndarray] = {}
-    for occ in occupancy:
+    for occ in combinations(range(len(sites)), n):
         occ = np.array(occ)
         x = np.zeros((len(decorations), len(sites)), dtype=np.int64)
         x[:, occ] = decorations
         r = radii[decorations - 1]  # (D, n): the occupied sites' covalent radii
         too_close = (dist[np.ix_(occ, occ)] + np.eye(n) * 99)[None] < p.rules.c_min * (r[:, :, None] + r[:, None, :])
         x = x[~too_close.any(axis=(1, 2))]
-        if not len(x):
-            continue
-        codes = np.min(x[:, inverse] @ weights, axis=1)  # (D,)
-        for c, row in zip(codes.tolist(), x):
-            if c not in unique:
-                unique[c] = row
+        for c, row in zip(np.min(x[:, inverse] @ weights, axis=1).tolist(), x):
+            unique.setdefault(c, row)
+    return [[encode_action(p, int(row[m]) - 1, layer, int(sites[m])) for m in np.flatnonzero(row)]
+            for row in unique.values()]
+
+
+def lattice_gas_phase(search: Search, top_k: int) -> str:
+    """Exhaustive search within the lattice-gas motif of adatoms (`lattice_gas_arrangements`): every arrangement
+    scored by a single point on the grid, the `top_k` lowest relaxed (template fixed). Where the motif does not
+    apply it says why in one line and nothing runs."""
+    p = search.p
+    arrangements = lattice_gas_arrangements(p)
+    if isinstance(arrangements, str):
+        return f"lattice-gas search not applicable: {arrangements}"
     scored = []
-    for row in unique.values():
-        actions = [encode_action(p, int(row[m]) - 1, layer, int(sites[m])) for m in np.flatnonzero(row)]
+    for actions in arrangements:
         atoms = atoms_from_actions(p, actions)
         atoms.calc = search.calc
         scored.append((float(atoms.get_potential_energy()), actions))
@@ -277,10 +301,10 @@ def lattice_gas_phase(search: Search, top_k: int) -> str:
     scored.sort(key=lambda r: r[0])
     for _, actions in scored[:top_k]:
         search.relax(atoms_from_actions(p, actions))
-    return (f"lattice-gas search: every one of the {len(unique)} symmetry-distinct ways to put "
-            f"{' + '.join(f'{k} {sp}' for sp, k in p.bag.items())} on the {len(sites)} hollow sites of the lowest "
-            f"build layer (one atom per site), single points on the grid, the {min(top_k, len(scored))} lowest "
-            f"relaxed")
+    return (f"lattice-gas search: every one of the {len(scored)} symmetry-distinct ways to put "
+            f"{' + '.join(f'{k} {sp}' for sp, k in p.bag.items())} on the {len(stacking_sites(p))} hollow sites of "
+            f"the lowest build layer (one atom per site), single points on the grid, the {min(top_k, len(scored))} "
+            f"lowest relaxed")
 
 
 def honeycomb(problem) -> Atoms:
@@ -337,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="adatoms: every symmetry-distinct filling of the surface's hollow sites by the bag in the "
                          "lowest build layer scored by a single point, the K lowest relaxed first (0: skip); says so "
                          "where the problem does not fit it")
-    ap.add_argument("--candidates", help="a structure file (every frame: template + bag atoms) of chemically "
-                    "motivated candidates, each relaxed first")
+    ap.add_argument("--relax-first", metavar="FILE", help="a structure file (every frame: template + bag atoms, "
+                    "as built) of chemically motivated candidates, each relaxed as it is before the search")
     ap.add_argument("--out", default="docs", help="where reference-minima.json/.md and reference/ go (default ./docs)")
     ap.add_argument("--update-yaml", action="store_true",
                     help="write a new reference into the problem's YAML (a shipped problem's file too); default: "
@@ -367,12 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             search.random_phase(60 * min(args.minutes, 2))
         else:
             phases = []
-            if args.candidates:
+            if args.relax_first:
                 from ase.io import read
-                frames = read(args.candidates, index=":")
-                for frame in frames:
-                    search.relax(frame)
-                phases.append(f"{len(frames)} candidates of {args.candidates} relaxed: {search.best_e:.4f} eV")
+                frames = read(args.relax_first, index=":")
+                lines = [f"{f.info.get('name', n)} {search.relax(f)[0]:.4f} eV" for n, f in enumerate(frames)]
+                phases.append(f"the {len(frames)} candidates of {args.relax_first} relaxed ({', '.join(lines)})")
             if args.lattice_gas_top_k:
                 gas = lattice_gas_phase(search, args.lattice_gas_top_k)
                 print(f"{key}: {gas}", flush=True)
@@ -390,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"sites, or rattles of all placed atoms): {search.best_e:.4f} eV")
             motif_arg = f" --motif-top-k {args.motif_top_k}" if args.motif_top_k else ""
             motif_arg += f" --lattice-gas-top-k {args.lattice_gas_top_k}" if args.lattice_gas_top_k else ""
-            motif_arg += f" --candidates {args.candidates}" if args.candidates else ""
+            motif_arg += f" --relax-first {args.relax_first}" if args.relax_first else ""
             motif_arg += f" --seed {args.seed}" if args.seed else ""
             how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
                    f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
@@ -399,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         if search.best is not None and search.best_e < prev - 1e-6:
             written = out / "reference" / f"{key}.extxyz"
             write(written, search.best)
+            gap = search.second_minimum()
+            how += (f" The lowest relaxed structure distinct from it (judge.same_structure) lies {1000 * gap:.1f} meV "
+                    "above." if gap is not None else f" No distinct relaxed structure within {Search.NEAR} eV.")
             results[key] = {"energy": search.best_e, "method": how, "relaxations": search.n_relax,
+                            "second_distinct_above": gap,
                             "force_calls": search.n_calls, "seconds": time.time() - t0, "log": search.log,
                             "structure": str(written)}
             if args.update_yaml:

@@ -39,9 +39,11 @@ from asla.bench.problems import (
     DEFAULT_WINDOW,
     GOFEE_BUDGET,
     PROBLEMS,
+    SUITE,
     WINDOW,
     BenchProblem,
     bench_problem,
+    expand_suite,
 )
 from asla.bench.records import (
     adopt_first_hit_verdict,
@@ -181,10 +183,11 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Benchmark: ASLA against a random builder and AGOX's RSS, "
                                  "basin hopping and GOFEE, all counted alike.")
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS),
-                    help=f"shipped problem names or problem YAML paths (default: {' '.join(PROBLEMS)})")
+                    help=f"shipped problem names or problem YAML paths, `suite` for the untuned suite "
+                         f"({' '.join(SUITE)}) (default: {' '.join(PROBLEMS)})")
     ap.add_argument("--methods", nargs="+", default=list(bm.METHODS), help=f"default: {' '.join(bm.METHODS)}")
     ap.add_argument("--recipe", help="ASLA's recipe YAML for every problem (default: configs/<name>.yaml of a shipped "
-                    "problem, else the recipe defaults)")
+                    "problem, else the default recipe derived from the problem: asla.agents.defaults)")
     ap.add_argument("--zero-shot", metavar="AGENT", help="the pretrained agent (shipped name or path) asla-zeroshot "
                     "builds with on every problem (default: the shipped problems' pairs, e.g. pd100-oxide-3x3 on "
                     "the 2x2 cell)")
@@ -254,6 +257,7 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for m in args.methods:
         if m not in bm.METHODS:
             ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
+    args.problems = expand_suite(args.problems)
     problems = [bench_problem(p, args.recipe, args.transfer_from, args.zero_shot) for p in args.problems]
     if len({p.slug for p in problems}) != len(problems):
         ap.error("--problems: a problem is given twice")
