@@ -13,7 +13,8 @@ exploration schedule from 0.3 to 0.05) and scales with the problem only what the
   tuned recipes have none.
 
 On pd100-oxide-2x2 the rule gives the shipped recipe's settings (tests/test_suite.py checks it); that recipe stays
-the README's main command. What the rule was measured to do on the suite: docs/default-recipe.md.
+the README's main command. The rule and what it gives on every shipped problem: docs/default-recipe.md; it is
+measured on the untuned suite (asla.bench.problems.SUITE) by the benchmark, not tuned on it.
 """
 from __future__ import annotations
 

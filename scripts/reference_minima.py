@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import CalculationFailed
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS, FIRE
 
@@ -56,12 +57,17 @@ class Search:
         a.set_constraint(FixAtoms(indices=range(len(self.p.template))))
         a.calc = self.calc
         opt = FIRE(a, logfile=None)
-        opt.run(fmax=0.3, steps=steps // 2)
         opt2 = BFGS(a, logfile=None)
-        opt2.run(fmax=fmax, steps=steps)
+        try:
+            opt.run(fmax=0.3, steps=steps // 2)
+            opt2.run(fmax=fmax, steps=steps)
+            e = float(a.get_potential_energy())
+        except CalculationFailed:  # e.g. an xTB SCF that does not converge on a wild geometry: no minimum from it
+            e = math.inf
         self.n_calls += opt.nsteps + opt2.nsteps + 2
         self.n_relax += 1
-        e = float(a.get_potential_energy())
+        if not math.isfinite(e):
+            return math.inf, a
         # placed atoms that left the slab region (desorbed into vacuum) make no surface structure
         if np.any(a.positions[len(self.p.template):, 2] > max(self.p.grid.layer_z) + 4.0):
             return math.inf, a
@@ -83,7 +89,7 @@ class Search:
         if self.best is None:
             return None
         for e, atoms in sorted(self.near, key=lambda r: r[0]):
-            if e < self.best_e + self.NEAR and not same_structure(self.p, atoms, self.best):
+            if e < self.best_e + self.NEAR and same_structure(self.p, atoms, self.best) is False:  # None: not judged
                 return e - self.best_e
         return None
 

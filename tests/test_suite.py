@@ -131,3 +131,23 @@ def test_a_problem_without_a_recipe_trains_and_benchmarks_with_the_default_recip
     assert bench.config()["episodes"] == 2000 and bench.recipe_overrides() == {"relax": {"steps": 10}}
     with pytest.raises(Exception, match="does not exist"):
         load_config("no-such-recipe-or-problem")
+
+
+def test_the_strict_criterion_judges_a_molecule_in_vacuum_at_any_angle_and_place_in_its_plane():
+    from ase.io import read
+
+    from asla.bench.judge import StrictCheck, same_structure
+    problem = load_problem("suite-c4h4n2-xtb")
+    reference = reference_structure(problem)
+    assert StrictCheck(problem).available  # judged (before: never, the grid has no periodic translations)
+    turned = reference.copy()
+    turned.rotate(37, "z", center="COP")  # an angle none of the grid's operations makes
+    turned.positions[:, :2] += [0.7, -1.1]
+    turned.positions[:, 1] = 10.0 - turned.positions[:, 1]  # and mirrored
+    turned = turned[np.random.default_rng(0).permutation(len(turned))]
+    assert same_structure(problem, turned, reference) is True
+    turned.positions[3] += [0.3, 0.0, 0.0]
+    assert same_structure(problem, turned, reference) is False  # one atom 0.3 A off: not the same
+    diazines = read(ROOT / "docs/reference/suite-c4h4n2-xtb-candidates.extxyz", index=":")
+    verdicts = {d.info["name"]: same_structure(problem, d, reference) for d in diazines}
+    assert verdicts == {"pyridazine": False, "pyrimidine": True, "pyrazine": False}  # the reference is pyrimidine
