@@ -6,7 +6,6 @@ adatom references counts every symmetry-distinct arrangement once (checked again
 """
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from itertools import combinations, permutations
 from pathlib import Path
@@ -21,13 +20,6 @@ from asla.calculators import make_calculator
 from asla.problem import list_problems, load_problem
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _reference_minima():
-    spec = importlib.util.spec_from_file_location("reference_minima", ROOT / "scripts" / "reference_minima.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_suite_is_five_shipped_problems_of_the_kinds_the_issue_names_and_the_word_suite_stands_for_it():
@@ -63,16 +55,16 @@ def test_a_suite_problem_builds_and_its_reference_is_relaxed_and_reevaluates_to_
 
 
 def test_the_lattice_gas_search_counts_every_symmetry_distinct_arrangement_on_the_hollow_sites_once():
-    rm = _reference_minima()
+    from asla.enumerate import lattice_gas_arrangements, stacking_sites
     problem = load_problem("suite-cuag-pt100-3x3")
-    sites = rm.stacking_sites(problem)
+    sites = stacking_sites(problem)
     assert len(sites) == 9  # the four-fold hollows of the 3x3 Pt(100) surface
     tops = problem.template.positions[np.abs(problem.template.positions[:, 2] - problem.template.positions[:, 2].max())
                                       < 0.3]
     hollow = problem.grid.positions[0, sites[0], :2]
     lateral = np.linalg.norm((hollow - tops[:, :2]) @ problem.grid.ab_inv % 1 @ problem.grid.ab, axis=1)
     assert abs(np.sort(lateral)[0] - 3.9218 / 2) < 1e-6  # half a diagonal from the nearest top site
-    arrangements = rm.lattice_gas_arrangements(problem)
+    arrangements = lattice_gas_arrangements(problem)
 
     def key(actions):
         state = BuildState(problem)
@@ -86,7 +78,7 @@ def test_the_lattice_gas_search_counts_every_symmetry_distinct_arrangement_on_th
              for occ in combinations(range(9), 6) for labels in set(permutations(species))}
     assert len(arrangements) == len(every) == len({key(a) for a in arrangements})
     assert {key(a) for a in arrangements} == every
-    assert rm.lattice_gas_arrangements(load_problem("suite-c4h4n2-xtb")).startswith("0 stacking sites")
+    assert lattice_gas_arrangements(load_problem("suite-c4h4n2-xtb")).startswith("0 stacking sites")
 
 
 # ---- the default recipe (asla.agents.defaults) -------------------------------------------------------------------
