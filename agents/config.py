@@ -266,16 +266,25 @@ def parse_value(text: str) -> Any:
 
 
 def _read_recipe(path: str | Path) -> dict:
+    """A recipe file or shipped recipe name; a problem (its YAML, or a shipped problem without a recipe of its own)
+    gets the default recipe derived from it (asla.agents.defaults)."""
+    from .defaults import default_recipe
     p = Path(path)
     if not p.exists():
         from importlib import resources
+
+        from asla.problem import list_problems
         shipped = Path(str(resources.files("asla.configs"))) / f"{path}.yaml"
         if not shipped.exists():
+            if not p.suffix and str(path) in list_problems():
+                return {**default_recipe(str(path)), "name": str(path)}
             raise ConfigError("config", f"file {str(path)!r} does not exist")
         p = shipped
     data = schema.load_yaml_file(p, "config", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError("config", f"{p} must hold a mapping")
+    if "bag" in data and "problem" not in data:  # a problem file, not a recipe: train on it with the default recipe
+        return {**default_recipe(str(p)), "name": p.stem}
     data.setdefault("name", p.stem)
     return data
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import CalculationFailed
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS, FIRE
 
@@ -31,6 +32,7 @@ from asla import load_problem
 from asla.bench.problems import is_shipped, slug
 from asla.builder import BuildState, atoms_from_actions, encode_action, random_build
 from asla.calculators import make_calculator
+from asla.enumerate import lattice_gas_arrangements, stacking_sites
 from asla.errors import AslaError
 from asla.problem import shipped_problem_dir
 from asla.storage import atomic_write_text, write_json
@@ -46,25 +48,51 @@ class Search:
         self.best: Atoms | None = None
         self.best_e = math.inf
         self.log: list[str] = []
+        self.near: list[tuple[float, Atoms]] = []  # relaxed structures within NEAR eV of the best, for the gap
+
+    NEAR = 0.1  # eV: relaxed structures kept to find the lowest one distinct from the minimum
+    NEAR_KEPT = 300
 
     def relax(self, atoms: Atoms, fmax: float = 0.05, steps: int = 400) -> tuple[float, Atoms]:
         a = atoms.copy()
         a.set_constraint(FixAtoms(indices=range(len(self.p.template))))
         a.calc = self.calc
         opt = FIRE(a, logfile=None)
-        opt.run(fmax=0.3, steps=steps // 2)
         opt2 = BFGS(a, logfile=None)
-        opt2.run(fmax=fmax, steps=steps)
+        try:
+            opt.run(fmax=0.3, steps=steps // 2)
+            opt2.run(fmax=fmax, steps=steps)
+            e = float(a.get_potential_energy())
+        except CalculationFailed:  # e.g. an xTB SCF that does not converge on a wild geometry: no minimum from it
+            e = math.inf
         self.n_calls += opt.nsteps + opt2.nsteps + 2
         self.n_relax += 1
-        e = float(a.get_potential_energy())
+        if not math.isfinite(e):
+            return math.inf, a
         # placed atoms that left the slab region (desorbed into vacuum) make no surface structure
         if np.any(a.positions[len(self.p.template):, 2] > max(self.p.grid.layer_z) + 4.0):
             return math.inf, a
         if e < self.best_e - 1e-6:
             self.best_e, self.best = e, a.copy()
             self.log.append(f"{self.n_relax} relaxations: {e:.4f} eV")
+        if e < self.best_e + self.NEAR:
+            self.near.append((e, a.copy()))
+            if len(self.near) > 2 * self.NEAR_KEPT:
+                self.near = sorted((r for r in self.near if r[0] < self.best_e + self.NEAR), key=lambda r: r[0])
+                self.near = self.near[:self.NEAR_KEPT]
         return e, a
+
+    def second_minimum(self) -> float | None:
+        """How far (eV) above the best the lowest relaxed structure lies that is not the best itself (the strict
+        criterion's test, asla.bench.judge.same_structure); None if none within NEAR eV was relaxed. An energy
+        window of 0.05 eV counts structures this close as found; the strict criterion does not."""
+        from asla.bench.judge import same_structure
+        if self.best is None:
+            return None
+        for e, atoms in sorted(self.near, key=lambda r: r[0]):
+            if e < self.best_e + self.NEAR and same_structure(self.p, atoms, self.best) is False:  # None: not judged
+                return e - self.best_e
+        return None
 
     def random_phase(self, seconds: float) -> float:
         """Relax random legal builds for `seconds`; returns the lowest energy this phase reached by itself."""
@@ -91,6 +119,10 @@ class Search:
                     trial.positions[i, 2] = self.rng.choice(self.p.grid.layer_z)
             else:
                 trial.positions[n_t:] += self.rng.normal(0, 0.4, size=(len(trial) - n_t, 3))
+                if not any(self.p.pbc) and self.p.grid.n_layers == 1:
+                    # a molecule built in one plane: its builds relax within the plane (the out-of-plane forces
+                    # vanish by symmetry), so the search stays in it too
+                    trial.positions[n_t:, 2] = self.p.grid.layer_z[0]
             d = trial.get_all_distances(mic=True)[n_t:, :]
             np.fill_diagonal(d[:, n_t:], 9.0)
             if d.min() < 0.8:
@@ -185,6 +217,29 @@ def overlayer_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> 
             f"{min(top_k, len(scored))} lowest relaxed")
 
 
+def lattice_gas_phase(search: Search, top_k: int) -> str:
+    """Exhaustive search within the lattice-gas motif of adatoms (`lattice_gas_arrangements`): every arrangement
+    scored by a single point on the grid, the `top_k` lowest relaxed (template fixed). Where the motif does not
+    apply it says why in one line and nothing runs."""
+    p = search.p
+    arrangements = lattice_gas_arrangements(p)
+    if isinstance(arrangements, str):
+        return f"lattice-gas search not applicable: {arrangements}"
+    scored = []
+    for actions in arrangements:
+        atoms = atoms_from_actions(p, actions)
+        atoms.calc = search.calc
+        scored.append((float(atoms.get_potential_energy()), actions))
+        search.n_calls += 1
+    scored.sort(key=lambda r: r[0])
+    for _, actions in scored[:top_k]:
+        search.relax(atoms_from_actions(p, actions))
+    return (f"lattice-gas search: every one of the {len(scored)} symmetry-distinct ways to put "
+            f"{' + '.join(f'{k} {sp}' for sp, k in p.bag.items())} on the {len(stacking_sites(p))} hollow sites of "
+            f"the lowest build layer (one atom per site), single points on the grid, the {min(top_k, len(scored))} "
+            f"lowest relaxed")
+
+
 def honeycomb(problem) -> Atoms:
     """The perfect honeycomb on a (2sqrt3 x 2sqrt3)R30 cell: its sites are multiples of 1/6 of the cell."""
     from ase.build import graphene, make_supercell
@@ -235,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--motif-top-k", type=int, default=0,
                     help="overlayer motif (the template's metal in the hollows, one other element above top sites): "
                          "relax the K lowest arrangements first (0: skip); says so where the bag does not fit it")
+    ap.add_argument("--lattice-gas-top-k", type=int, default=0,
+                    help="adatoms: every symmetry-distinct filling of the surface's hollow sites by the bag in the "
+                         "lowest build layer scored by a single point, the K lowest relaxed first (0: skip); says so "
+                         "where the problem does not fit it")
+    ap.add_argument("--relax-first", metavar="FILE", help="a structure file (every frame: template + bag atoms, "
+                    "as built) of chemically motivated candidates, each relaxed as it is before the search")
     ap.add_argument("--out", default="docs", help="where reference-minima.json/.md and reference/ go (default ./docs)")
     ap.add_argument("--update-yaml", action="store_true",
                     help="write a new reference into the problem's YAML (a shipped problem's file too); default: "
@@ -263,6 +324,16 @@ def main(argv: list[str] | None = None) -> int:
             search.random_phase(60 * min(args.minutes, 2))
         else:
             phases = []
+            if args.relax_first:
+                from ase.io import read
+                frames = read(args.relax_first, index=":")
+                lines = [f"{f.info.get('name', n)} {search.relax(f)[0]:.4f} eV" for n, f in enumerate(frames)]
+                phases.append(f"the {len(frames)} candidates of {args.relax_first} relaxed ({', '.join(lines)})")
+            if args.lattice_gas_top_k:
+                gas = lattice_gas_phase(search, args.lattice_gas_top_k)
+                print(f"{key}: {gas}", flush=True)
+                if not gas.startswith("lattice-gas search not applicable"):
+                    phases.append(gas + f": {search.best_e:.4f} eV")
             if args.motif_top_k:
                 motif = overlayer_motif_phase(search, args.motif_top_k)
                 print(f"{key}: {motif}", flush=True)
@@ -274,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(f"basin hopping from the best so far (kT 0.15 eV; moves of one or two atoms to random "
                           f"sites, or rattles of all placed atoms): {search.best_e:.4f} eV")
             motif_arg = f" --motif-top-k {args.motif_top_k}" if args.motif_top_k else ""
+            motif_arg += f" --lattice-gas-top-k {args.lattice_gas_top_k}" if args.lattice_gas_top_k else ""
+            motif_arg += f" --relax-first {args.relax_first}" if args.relax_first else ""
+            motif_arg += f" --seed {args.seed}" if args.seed else ""
             how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
                    f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
                    + f". python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}{motif_arg}.")
@@ -281,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         if search.best is not None and search.best_e < prev - 1e-6:
             written = out / "reference" / f"{key}.extxyz"
             write(written, search.best)
+            gap = search.second_minimum()
+            how += (f" The lowest relaxed structure distinct from it (judge.same_structure) lies {1000 * gap:.1f} meV "
+                    "above." if gap is not None else f" No distinct relaxed structure within {Search.NEAR} eV.")
             results[key] = {"energy": search.best_e, "method": how, "relaxations": search.n_relax,
+                            "second_distinct_above": gap,
                             "force_calls": search.n_calls, "seconds": time.time() - t0, "log": search.log,
                             "structure": str(written)}
             if args.update_yaml:

@@ -40,11 +40,13 @@ from asla.bench.problems import (
     DEFAULT_WINDOW,
     GOFEE_BUDGET,
     PROBLEMS,
+    SUITE,
     SURROGATE_BUDGET,
     SURROGATE_METHODS,
     WINDOW,
     BenchProblem,
     bench_problem,
+    expand_suite,
 )
 from asla.bench.records import (
     adopt_first_hit_verdict,
@@ -186,10 +188,11 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Benchmark: ASLA against a random builder and AGOX's RSS, "
                                  "basin hopping and GOFEE, all counted alike.")
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS),
-                    help=f"shipped problem names or problem YAML paths (default: {' '.join(PROBLEMS)})")
+                    help=f"shipped problem names or problem YAML paths, `suite` for the untuned suite "
+                         f"({' '.join(SUITE)}) (default: {' '.join(PROBLEMS)})")
     ap.add_argument("--methods", nargs="+", default=list(bm.METHODS), help=f"default: {' '.join(bm.METHODS)}")
     ap.add_argument("--recipe", help="ASLA's recipe YAML for every problem (default: configs/<name>.yaml of a shipped "
-                    "problem, else the recipe defaults)")
+                    "problem, else the default recipe derived from the problem: asla.agents.defaults)")
     ap.add_argument("--surrogate-recipe", help="the recipe of asla-surrogate and asla-transfer-surrogate for every "
                     "problem (default: configs/<name>-surrogate.yaml of a shipped problem; else those are skipped)")
     ap.add_argument("--zero-shot", metavar="AGENT", help="the pretrained agent (shipped name or path) asla-zeroshot "
@@ -264,6 +267,7 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for m in args.methods:
         if m not in bm.METHODS:
             ap.error(f"--methods: unknown method {m!r}; allowed: {', '.join(bm.METHODS)}")
+    args.problems = expand_suite(args.problems)
     problems = [bench_problem(p, args.recipe, args.transfer_from, args.zero_shot, args.surrogate_recipe)
                 for p in args.problems]
     if len({p.slug for p in problems}) != len(problems):

@@ -98,7 +98,8 @@ def same_structure(problem: Problem, atoms: Atoms, reference: Atoms, tol: float 
     the reference's, then each species matched to the reference by an optimal assignment (scipy), in-plane
     distances by the minimum image: the same structure if every atom lies within `tol` A of its match. Relaxed
     copies of one minimum differ by hundredths of an Angstrom; a distinct arrangement puts atoms in other sites,
-    an Angstrom or more away. None: not judged (another composition, or a grid without periodic translations).
+    an Angstrom or more away. A molecule built in one plane without periodicity is compared by `same_molecule`
+    (any in-plane rotation). None: not judged (another composition, or several layers without periodicity).
 
     Why not a library comparator: ASE's SymmetryEquivalenceCheck rebuilds the lattice from vectors between atoms
     of the rarest species and so rejects a slab whose adsorbate is rattled by 0.005 A (tried on the 2x2 oxide);
@@ -106,8 +107,10 @@ def same_structure(problem: Problem, atoms: Atoms, reference: Atoms, tol: float 
     the vacuum of a slab inflates.
     """
     from scipy.optimize import linear_sum_assignment
-    if not problem.grid.periodic or sorted(atoms.numbers) != sorted(reference.numbers):
+    if sorted(atoms.numbers) != sorted(reference.numbers):
         return None
+    if not problem.grid.periodic:
+        return same_molecule(atoms, reference, tol) if problem.grid.n_layers == 1 else None
     cell = np.asarray(problem.cell, dtype=float)
     inv = np.linalg.inv(cell[:2, :2])
     numbers = np.asarray(atoms.numbers)
@@ -136,6 +139,48 @@ def same_structure(problem: Problem, atoms: Atoms, reference: Atoms, tol: float 
     return False
 
 
+def _within(a: Atoms, moved: np.ndarray, reference: Atoms, tol: float) -> bool:
+    """Every atom of `a` (at `moved`) within `tol` A of its own reference atom of the same species, matched by an
+    optimal assignment per species (scipy)."""
+    from scipy.optimize import linear_sum_assignment
+    for z in set(a.numbers.tolist()):
+        dist = np.linalg.norm(moved[a.numbers == z][:, None, :] - reference.positions[reference.numbers == z][None],
+                              axis=-1)
+        rows, cols = linear_sum_assignment(dist)
+        if float(dist[rows, cols].max()) > tol:
+            return False
+    return True
+
+
+def same_molecule(atoms: Atoms, reference: Atoms, tol: float = STRICT_TOL) -> bool:
+    """Whether two relaxed molecules built in one plane (no periodicity) are the same structure, wherever in the
+    box and however turned within the plane it lies: the grid's own rotations are not all of a molecule's, which
+    relaxes at any angle. Every in-plane rotation and mirror that takes a pair of atoms (one of the rarest species,
+    and the atom farthest from it) onto a pair of the reference's of the same species and near the same distance,
+    then the optimal assignment per species as in `same_structure`."""
+    numbers = np.asarray(atoms.numbers)
+    pos = np.asarray(atoms.positions, dtype=float)
+    rare = min(set(numbers.tolist()), key=lambda z: (int(np.sum(numbers == z)), z))
+    i = int(np.flatnonzero(numbers == rare)[0])
+    j = int(np.argmax(np.linalg.norm(pos - pos[i], axis=1)))
+    if j == i:
+        return _within(atoms, pos - pos[i] + reference.positions[reference.numbers == rare][0], reference, tol)
+    ref = np.asarray(reference.positions, dtype=float)
+    d_ij = float(np.linalg.norm(pos[j, :2] - pos[i, :2]))
+    for k in np.flatnonzero(reference.numbers == numbers[i]):
+        for m in np.flatnonzero(reference.numbers == numbers[j]):
+            if m == k or abs(float(np.linalg.norm(ref[m, :2] - ref[k, :2])) - d_ij) > 2 * tol:
+                continue
+            for mirror in (1.0, -1.0):
+                p = (pos - pos[i]) * [1.0, mirror, 1.0]
+                turn = math.atan2(*(ref[m, 1::-1] - ref[k, 1::-1])) - math.atan2(p[j, 1], p[j, 0])
+                c, s = math.cos(turn), math.sin(turn)
+                moved = p @ np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]]) + ref[k]
+                if _within(atoms, moved, reference, tol):
+                    return True
+    return False
+
+
 class StrictCheck:
     """The strict criterion for one problem: its reference structure read once."""
 
@@ -145,7 +190,7 @@ class StrictCheck:
 
     @property
     def available(self) -> bool:
-        return self.reference is not None and self.problem.grid.periodic
+        return self.reference is not None and (self.problem.grid.periodic or self.problem.grid.n_layers == 1)
 
     def __call__(self, relaxed: Atoms) -> bool | None:
         if not self.available:
