@@ -37,6 +37,18 @@ from asla.errors import AslaError
 from asla.problem import shipped_problem_dir
 from asla.storage import atomic_write_text, write_json
 
+COLLAPSE = 0.6
+
+
+def collapsed(atoms: Atoms, fraction: float = COLLAPSE) -> bool:
+    """Two atoms closer than `fraction` of the sum of their covalent radii: not a structure but a hole of the
+    potential. A machine-learned potential is trained on no such pairs and may reward them: relaxed with CHGNet
+    0.3.0, two Pd atoms on Pd(100) merged at 0.31 A and lay 0.8 eV below every sound structure."""
+    from ase.data import covalent_radii
+    r = covalent_radii[atoms.numbers]
+    d = atoms.get_all_distances(mic=True) + np.eye(len(atoms)) * 1e3
+    return bool(np.any(d < fraction * (r[:, None] + r[None, :])))
+
 
 class Search:
     def __init__(self, problem, seed: int) -> None:
@@ -45,6 +57,7 @@ class Search:
         self.calc = make_calculator(problem.calculator)
         self.n_calls = 0
         self.n_relax = 0
+        self.n_collapsed = 0
         self.best: Atoms | None = None
         self.best_e = math.inf
         self.log: list[str] = []
@@ -72,6 +85,9 @@ class Search:
         # placed atoms that left the slab region (desorbed into vacuum) make no surface structure
         if np.any(a.positions[len(self.p.template):, 2] > max(self.p.grid.layer_z) + 4.0):
             return math.inf, a
+        if collapsed(a):
+            self.n_collapsed += 1
+            return math.inf, a
         if e < self.best_e - 1e-6:
             self.best_e, self.best = e, a.copy()
             self.log.append(f"{self.n_relax} relaxations: {e:.4f} eV")
@@ -94,19 +110,36 @@ class Search:
                 return e - self.best_e
         return None
 
-    def random_phase(self, seconds: float) -> float:
-        """Relax random legal builds for `seconds`; returns the lowest energy this phase reached by itself."""
-        t0, low = time.time(), math.inf
+    def random_phase(self, seconds: float) -> tuple[float, Atoms | None]:
+        """Relax random legal builds for `seconds`; returns the lowest energy (and structure) this phase reached by
+        itself."""
+        t0, low, low_atoms = time.time(), math.inf, None
         while time.time() - t0 < seconds:
             s = random_build(self.p, self.rng)
             if s.done:
-                low = min(low, self.relax(s.atoms())[0])
-        return low
+                e, relaxed = self.relax(s.atoms())
+                if e < low:
+                    low, low_atoms = e, relaxed
+        return low, low_atoms
 
-    def basin_hopping(self, seconds: float, kT: float = 0.15) -> None:
-        if self.best is None:
-            return
-        cur, cur_e = self.best.copy(), self.best_e
+    def candidates(self, named: list[tuple[str, Atoms]]) -> list[str]:
+        """Relax each named starting structure; returns one line per candidate with its relaxed energy."""
+        lines = []
+        for what, atoms in named:
+            t0 = time.time()
+            e, _ = self.relax(atoms)
+            lost = " (discarded: an atom desorbed or two collapsed)"
+            lines.append(f"{what}: {e:.4f} eV" + ("" if math.isfinite(e) else lost))
+            print(f"  candidate {lines[-1]} ({time.time() - t0:.0f} s)", flush=True)
+        return lines
+
+    def basin_hopping(self, seconds: float, kT: float = 0.15, start: tuple[float, Atoms] | None = None) -> float:
+        """Metropolis basin hopping for `seconds` from `start` (default: the best so far); returns the lowest energy
+        this walk reached itself (a walk from another structure than the best checks that it does not go lower)."""
+        if start is None and self.best is None:
+            return math.inf
+        cur_e, cur = start if start is not None else (self.best_e, self.best)
+        cur, low = cur.copy(), cur_e
         n_t = len(self.p.template)
         t0 = time.time()
         while time.time() - t0 < seconds:
@@ -128,8 +161,10 @@ class Search:
             if d.min() < 0.8:
                 continue
             e, relaxed = self.relax(trial)
+            low = min(low, e)
             if e < cur_e or self.rng.random() < math.exp(-(e - cur_e) / kT):
                 cur, cur_e = relaxed, e
+        return low
 
 
 def motif_species(p) -> tuple[str, str] | str:  # an asla Problem
@@ -152,69 +187,159 @@ def motif_species(p) -> tuple[str, str] | str:  # an asla Problem
     return metals[0], other
 
 
-def overlayer_motif_phase(search: Search, top_k: int, log_every: int = 2000) -> str:
+class MotifSites:
+    """The sites of the overlayer motif on this problem's surface: the top sites of the template's top layer, the
+    hollow sites (a surface atom plus half a diagonal), the bridge sites of the new metal layer, and the
+    symmetry-distinct ways of choosing some of the top sites (under every operation of grid + template)."""
+
+    def __init__(self, p) -> None:
+        self.p = p
+        top_z = p.template.positions[:, 2].max()
+        self.top_z = float(top_z)
+        self.tops = p.template.positions[np.abs(p.template.positions[:, 2] - top_z) < 0.3]
+        self.a_s = float(np.sort(np.linalg.norm(self.tops[1:, :2] - self.tops[0, :2], axis=1))[0])
+        u, v = (p.cell[k, :2] / np.linalg.norm(p.cell[k, :2]) for k in (0, 1))
+        self.diag = (u + v) * self.a_s / 2
+        self.bridge = u * self.a_s / 2   # from a hollow site: the bridge between two neighbouring new-layer atoms
+        grid = p.grid
+        self.upper = int(np.argmax(grid.layer_z))
+        self.middle = int(np.argsort(grid.layer_z)[1]) if grid.n_layers > 2 else 0
+        self.hollow_pts = grid.nearest_point(self.tops + np.append(self.diag, 0.0))
+        self.top_pts = grid.nearest_point(self.tops)
+
+    def distinct_choices(self, n: int) -> list[int]:
+        """Bitmasks (bit i: top site i) of the symmetry-distinct choices of n top sites, each its class's smallest."""
+        from itertools import combinations, islice
+        sym = self.p.symmetry
+        ms, ts = sym.all_ops()
+        mapped = sym.apply(ms, ts, np.broadcast_to(self.top_pts, (len(ms), len(self.top_pts))))
+        index = {int(k): i for i, k in enumerate(self.top_pts)}
+        perms = np.array([[index[int(k)] for k in row] for row in mapped])
+        combos = combinations(range(len(self.top_pts)), n)
+        bits = 1 << np.arange(len(self.top_pts), dtype=np.int64)
+        unique: set[int] = set()
+        while True:
+            chunk = np.array(list(islice(combos, 200000)), dtype=np.int64)
+            if len(chunk) == 0:
+                break
+            canon = np.full(len(chunk), np.iinfo(np.int64).max)
+            for perm in perms:
+                canon = np.minimum(canon, bits[perm[chunk]].sum(axis=1))
+            unique.update(canon.tolist())
+        return sorted(unique)
+
+    def occupied(self, mask: int) -> np.ndarray:
+        return np.array([i for i in range(len(self.tops)) if mask >> i & 1], dtype=int)
+
+
+def overlayer_motif_phase(search: Search, top_k: int, highest_k: int = 0, log_every: int = 2000) -> str:
     """Exhaustive search within one overlayer motif (that of the Pd(100) oxides): the template's metal M in every
     hollow site (continuing the fcc stacking, middle build layer) and the other element X above a
     symmetry-distinct choice of the surface's top sites (upper build layer, i.e. in the hollows of the new M
-    layer). Each arrangement is scored by a single point on the grid and the `top_k` lowest are relaxed (template
-    fixed). Where the bag does not fit the motif (see `motif_species`), it says why in one line and nothing runs.
+    layer). Each arrangement is scored by a single point on the grid; the `top_k` lowest and the `highest_k` highest
+    are relaxed (template fixed): relaxation reorders them, and on the 5x5 EMT oxide the minimum's arrangement had
+    the HIGHEST single point of 10,510 (docs/reference-minima.md). Where the bag does not fit the motif (see
+    `motif_species`), it says why in one line and nothing runs.
 
-    The motif is the one of the 2x2 basin-hopping minimum (Pd4O4) and of the best 3x3 structure known; it is a
-    hypothesis for larger cells, so random relaxed builds and basin hopping without it run as well.
+    The motif is the one of the 2x2 basin-hopping minimum (Pd4O4) and of the best 3x3 structure known with EMT; it
+    is a hypothesis for larger cells and other calculators, so random relaxed builds and basin hopping without it
+    run as well.
     """
     p = search.p
     species = motif_species(p)
     if isinstance(species, str):
         return f"motif search not applicable: {species}"
     metal, other = species
-    top_z = p.template.positions[:, 2].max()
-    tops = p.template.positions[np.abs(p.template.positions[:, 2] - top_z) < 0.3]
+    sites = MotifSites(p)
     n_o = p.bag[other]
-    a_s = np.sort(np.linalg.norm(tops[1:, :2] - tops[0, :2], axis=1))[0]  # surface lattice constant
-    diag = (p.cell[0, :2] / np.linalg.norm(p.cell[0, :2]) + p.cell[1, :2] / np.linalg.norm(p.cell[1, :2])) * a_s / 2
-    grid, sym = p.grid, p.symmetry
-    upper = int(np.argmax(grid.layer_z))
-    middle = int(np.argsort(grid.layer_z)[1]) if grid.n_layers > 2 else 0
-    hollow_pts = grid.nearest_point(tops + np.append(diag, 0.0))
-    o_sites = grid.nearest_point(tops)
-    # permutations of the O sites under every symmetry operation of grid + template
-    ms, ts = sym.all_ops()
-    mapped = sym.apply(ms, ts, np.broadcast_to(o_sites, (len(ms), len(o_sites))))
-    index = {int(k): n for n, k in enumerate(o_sites)}
-    perms = np.array([[index[int(k)] for k in row] for row in mapped])
-    # canonical (smallest) bitmask of every choice of occupied sites, in chunks
-    from itertools import combinations, islice
-    combos = combinations(range(len(o_sites)), n_o)
-    bits = 1 << np.arange(len(o_sites), dtype=np.int64)
-    unique: set[int] = set()
-    while True:
-        chunk = np.array(list(islice(combos, 200000)), dtype=np.int64)
-        if len(chunk) == 0:
-            break
-        canon = np.full(len(chunk), np.iinfo(np.int64).max)
-        for perm in perms:
-            canon = np.minimum(canon, bits[perm[chunk]].sum(axis=1))
-        unique.update(canon.tolist())
+    unique = sites.distinct_choices(n_o)
     # single points on the grid
-    pd_actions = [encode_action(p, p.species.index(metal), middle, int(k)) for k in hollow_pts]
+    pd_actions = [encode_action(p, p.species.index(metal), sites.middle, int(k)) for k in sites.hollow_pts]
     o_species = p.species.index(other)
     scored = []
-    for mask in sorted(unique):
-        actions = pd_actions + [encode_action(p, o_species, upper, int(o_sites[n]))
-                                for n in range(len(o_sites)) if mask >> n & 1]
+    for mask in unique:
+        actions = pd_actions + [encode_action(p, o_species, sites.upper, int(sites.top_pts[n]))
+                                for n in sites.occupied(mask)]
         atoms = atoms_from_actions(p, actions)
         atoms.calc = search.calc
         scored.append((float(atoms.get_potential_energy()), actions))
         search.n_calls += 1
     scored.sort(key=lambda r: r[0])
-    for n, (_, actions) in enumerate(scored[:top_k]):
-        search.relax(atoms_from_actions(p, actions))
+    ranks = sorted(set(range(min(top_k, len(scored)))) | set(range(max(0, len(scored) - highest_k), len(scored))))
+    energies = []
+    for n, rank in enumerate(ranks):
+        energies.append(search.relax(atoms_from_actions(p, scored[rank][1]))[0])
         if n % log_every == 0:
-            print(f"  motif: relaxed {n}/{min(top_k, len(scored))}, best {search.best_e:.4f} eV", flush=True)
-    return (f"motif search: {metal} in all {len(hollow_pts)} hollow sites, {other} above every one of the "
-            f"{len(unique)} "
-            f"symmetry-distinct choices of {n_o} of {len(o_sites)} top sites, single points on the grid, the "
-            f"{min(top_k, len(scored))} lowest relaxed")
+            print(f"  motif: relaxed {n}/{len(ranks)}, best {search.best_e:.4f} eV", flush=True)
+    which = (f"all {len(scored)}" if len(ranks) == len(scored) else
+             f"the {min(top_k, len(scored))} lowest and the {min(highest_k, len(scored))} highest")
+    best_rank = ranks[int(np.argmin(energies))] + 1 if energies else 0
+    return (f"motif search: {metal} in all {len(sites.hollow_pts)} hollow sites, {other} above every one of the "
+            f"{len(unique)} symmetry-distinct choices of {n_o} of {len(sites.top_pts)} top sites, single points on "
+            f"the grid, {which} relaxed (lowest relaxed: single-point rank {best_rank} of {len(scored)}, "
+            f"{min(energies, default=math.inf):.4f} eV)")
+
+
+def placed(p, symbols: list[str], positions: list[np.ndarray]) -> Atoms:
+    """The template plus atoms at free positions (a starting point for a relaxation, not a grid build)."""
+    atoms = p.empty_atoms()
+    atoms.extend(Atoms(symbols, positions=np.array(positions)))
+    return atoms
+
+
+def oxide_candidates(p) -> list[tuple[str, Atoms]]:
+    """Chemically natural starting structures for oxygen and metal adatoms on an fcc(100) surface, beyond the
+    motif's grid arrangements: each relaxed as a candidate, so that the reference does not rest on one search.
+
+    - rocksalt: M in every hollow site (a/2 above the surface) and X on top sites in the same plane (the
+      checkerboard of an MO(100) rocksalt layer, X atop a surface atom: M-X a/2), every symmetry-distinct choice;
+    - bridge: M in every hollow site and X on bridge sites of the new M layer (2-fold), 1.2 A above it;
+    - surface hollow: X in the surface's own 4-fold hollow sites (0.9 A above it, as O on Pd(100) in c(2x2)-O),
+      M in the hollows left free and the rest of M above the X atoms (M-X 2.0 A), every distinct choice.
+    Empty where `motif_species` says the motif does not apply.
+    """
+    species = motif_species(p)
+    if isinstance(species, str):
+        return []
+    metal, other = species
+    sites = MotifSites(p)
+    n_m, n_x = p.bag[metal], p.bag[other]
+    h = sites.a_s / math.sqrt(2)   # a/2: the height of the next fcc(100) layer (a_s = a/sqrt(2))
+    hollows = [t + np.append(sites.diag, sites.top_z - t[2] + h) for t in sites.tops]
+    out = []
+    for mask in sites.distinct_choices(n_x):
+        xs = [t + [0, 0, h] for t in sites.tops[sites.occupied(mask)]]
+        out.append((f"rocksalt layer ({other} top sites {sites.occupied(mask).tolist()})",
+                    placed(p, [metal] * n_m + [other] * n_x, hollows + xs)))
+    rows = [hollows[i] + np.append(sites.bridge, 1.2) for i in range(n_x)]
+    out.append((f"{other} on bridge sites of the {metal} layer",
+                placed(p, [metal] * n_m + [other] * n_x, hollows + rows)))
+    for mask in sites.distinct_choices(n_x)[:2]:
+        occ = set(sites.occupied(mask).tolist())
+        xs = [hollows[i] - [0, 0, h - 0.9] for i in sorted(occ)]
+        free = [hollows[i] for i in range(len(hollows)) if i not in occ][:n_m]
+        above = [x + [0, 0, 2.0] for x in xs][:n_m - len(free)]
+        if len(free) + len(above) == n_m:
+            out.append((f"{other} in surface hollows {sorted(occ)}, {metal} in the free hollows and above {other}",
+                        placed(p, [metal] * n_m + [other] * n_x, free + above + xs)))
+    return out
+
+
+def mapped_candidate(p, path: Path) -> tuple[str, Atoms]:
+    """A structure of the same problem on another template (e.g. the EMT reference on CHGNet's lattice): its placed
+    atoms (the last len(bag) atoms) keep their fractional in-plane coordinates and their height above the top
+    layer, the height scaled by the ratio of the lattices (the file's template is the same size as this one)."""
+    from ase.io import read
+    src = read(path)
+    n_t = len(p.template)
+    n_placed = sum(p.bag.values())
+    if len(src) != n_t + n_placed:
+        raise SystemExit(f"--candidates: {path} has {len(src)} atoms; this problem has {n_t} + {n_placed}")
+    scale = np.linalg.norm(p.cell[0]) / np.linalg.norm(src.cell[0])
+    frac = src.cell.scaled_positions(src.positions[n_t:])
+    xyz = frac @ np.asarray(p.cell)
+    xyz[:, 2] = p.template.positions[:, 2].max() + scale * (src.positions[n_t:, 2] - src.positions[:n_t, 2].max())
+    return f"{path.name} mapped onto this template", placed(p, src.get_chemical_symbols()[n_t:], list(xyz))
 
 
 def lattice_gas_phase(search: Search, top_k: int) -> str:
@@ -287,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="shipped problem names or problem YAML paths")
     ap.add_argument("--minutes", type=float, default=10.0, help="search time per problem (random + basin hopping)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-fraction", type=float, default=0.4,
+                    help="share of --minutes for random relaxed builds, the rest basin hopping from the best "
+                         "(0: basin hopping only, e.g. from a --candidates structure)")
     ap.add_argument("--motif-top-k", type=int, default=0,
                     help="overlayer motif (the template's metal in the hollows, one other element above top sites): "
                          "relax the K lowest arrangements first (0: skip); says so where the bag does not fit it")
@@ -296,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
                          "where the problem does not fit it")
     ap.add_argument("--relax-first", metavar="FILE", help="a structure file (every frame: template + bag atoms, "
                     "as built) of chemically motivated candidates, each relaxed as it is before the search")
+    ap.add_argument("--motif-highest-k", type=int, default=0,
+                    help="relax the H arrangements of the motif with the HIGHEST single points as well (relaxation "
+                         "reorders them: the 5x5 EMT minimum had the highest of all)")
+    ap.add_argument("--oxide-candidates", action="store_true",
+                    help="relax chemically natural starting points for O and metal adatoms on fcc(100) too "
+                         "(rocksalt layer, O on bridge sites, O in the surface's hollows: oxide_candidates)")
+    ap.add_argument("--candidates", nargs="+", type=Path, default=[],
+                    help="extxyz structures of the same bag on a template of the same size (e.g. the EMT "
+                         "reference), mapped onto this template and relaxed as candidates")
     ap.add_argument("--out", default="docs", help="where reference-minima.json/.md and reference/ go (default ./docs)")
     ap.add_argument("--update-yaml", action="store_true",
                     help="write a new reference into the problem's YAML (a shipped problem's file too); default: "
@@ -317,11 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, key, p in problems:
         search = Search(p, args.seed)
         t0 = time.time()
+        command = (f"python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}"
+                   + f" --seed {args.seed}" * (args.seed != 0) + " --update-yaml" * args.update_yaml)
         if p.name.startswith("graphene"):
             e, _ = search.relax(honeycomb(p), fmax=0.01)
+            low, low_atoms = search.random_phase(60 * args.minutes * 0.5)
+            hop = search.basin_hopping(60 * args.minutes * 0.5, start=(low, low_atoms)) \
+                if low_atoms is not None else math.inf
             how = (f"the perfect honeycomb (its sites are grid points) relaxed with {p.calculator['name']} "
-                   f"(BFGS, fmax 0.01): {e:.4f} eV; relaxed random builds lie 15-40 eV higher.")
-            search.random_phase(60 * min(args.minutes, 2))
+                   f"(BFGS, fmax 0.01): {e:.4f} eV; the lowest of {search.n_relax - 1} other relaxations (random legal "
+                   f"builds relaxed with FIRE+BFGS, then basin hopping from the best of them) lies "
+                   f"{min(low, hop) - e:+.2f} eV from it"
+                   + ("" if min(low, hop) > e else " (BELOW the honeycomb: the honeycomb is not this minimum)")
+                   + f". {command}.")
         else:
             phases = []
             if args.relax_first:
@@ -329,28 +474,38 @@ def main(argv: list[str] | None = None) -> int:
                 frames = read(args.relax_first, index=":")
                 lines = [f"{f.info.get('name', n)} {search.relax(f)[0]:.4f} eV" for n, f in enumerate(frames)]
                 phases.append(f"the {len(frames)} candidates of {args.relax_first} relaxed ({', '.join(lines)})")
+                command += f" --relax-first {args.relax_first}"
             if args.lattice_gas_top_k:
                 gas = lattice_gas_phase(search, args.lattice_gas_top_k)
                 print(f"{key}: {gas}", flush=True)
                 if not gas.startswith("lattice-gas search not applicable"):
                     phases.append(gas + f": {search.best_e:.4f} eV")
-            if args.motif_top_k:
-                motif = overlayer_motif_phase(search, args.motif_top_k)
+                command += f" --lattice-gas-top-k {args.lattice_gas_top_k}"
+            if args.motif_top_k or args.motif_highest_k:
+                motif = overlayer_motif_phase(search, args.motif_top_k, args.motif_highest_k)
+                command += f" --motif-top-k {args.motif_top_k} --motif-highest-k {args.motif_highest_k}"
                 print(f"{key}: {motif}", flush=True)
                 if not motif.startswith("motif search not applicable"):
-                    phases.append(motif + f": {search.best_e:.4f} eV")
-            low = search.random_phase(60 * args.minutes * 0.4)
-            phases.append(f"random legal grid builds relaxed with FIRE+BFGS (template fixed), lowest {low:.4f} eV")
-            search.basin_hopping(60 * args.minutes * 0.6)
+                    phases.append(motif)
+            named = [mapped_candidate(p, path) for path in args.candidates]
+            named += oxide_candidates(p) if args.oxide_candidates else []
+            if named:
+                lines = search.candidates(named)
+                phases.append(f"{len(lines)} further candidates relaxed ({'; '.join(lines)})")
+                command += " --oxide-candidates" * args.oxide_candidates
+                command += "".join(f" --candidates {path}" for path in args.candidates)
+            if args.random_fraction > 0:
+                low, _ = search.random_phase(60 * args.minutes * args.random_fraction)
+                phases.append(f"random legal grid builds relaxed with FIRE+BFGS (template fixed), lowest {low:.4f} eV")
+                command += f" --random-fraction {args.random_fraction:g}" * (args.random_fraction != 0.4)
+            else:
+                command += " --random-fraction 0"
+            search.basin_hopping(60 * args.minutes * (1 - args.random_fraction))
             phases.append(f"basin hopping from the best so far (kT 0.15 eV; moves of one or two atoms to random "
                           f"sites, or rattles of all placed atoms): {search.best_e:.4f} eV")
-            motif_arg = f" --motif-top-k {args.motif_top_k}" if args.motif_top_k else ""
-            motif_arg += f" --lattice-gas-top-k {args.lattice_gas_top_k}" if args.lattice_gas_top_k else ""
-            motif_arg += f" --relax-first {args.relax_first}" if args.relax_first else ""
-            motif_arg += f" --seed {args.seed}" if args.seed else ""
             how = (f"lowest of {search.n_relax} relaxations ({search.n_calls} {p.calculator['name']} energy/force "
-                   f"calls, {(time.time() - t0) / 60:.0f} min): " + "; then ".join(phases)
-                   + f". python scripts/reference_minima.py --problems {name} --minutes {args.minutes:g}{motif_arg}.")
+                   f"calls, {(time.time() - t0) / 60:.0f} min; {search.n_collapsed} discarded as collapsed: two atoms "
+                   f"closer than {COLLAPSE:g} x their covalent radii): " + "; then ".join(phases) + f". {command}.")
         prev = results.get(key, {}).get("energy", math.inf)
         if search.best is not None and search.best_e < prev - 1e-6:
             written = out / "reference" / f"{key}.extxyz"
@@ -388,9 +543,14 @@ def write_report(out: Path) -> None:
         lines.append(f"| {name} | {r['energy']:.4f} | {r['relaxations']} | {r['force_calls']} | "
                      f"{r['seconds'] / 60:.1f} | {r['method']} |")
     lines += ["", "Tight-binding, DFT and tiny problems: see the `reference:` section of each problem YAML "
-              "(graphene-c24-xtb, graphene-c24-dft: the honeycomb, whose forces vanish by symmetry; benzene-xtb: "
+              "(graphene-c24-xtb, graphene-c24-dft: the honeycomb, whose forces vanish by symmetry; with GFN1-xTB it "
+              "is a saddle point, Kekulé-distorted honeycombs lie 0.39-0.53 eV lower, see the YAML; benzene-xtb: "
               "relaxed benzene; tiny-pd2o: exhaustive enumeration)."]
-    atomic_write_text(out / "reference-minima.md", "\n".join(lines) + "\n")
+    # sections written by hand below the table (## headings: what a search alone does not say) are kept
+    path = out / "reference-minima.md"
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    atomic_write_text(path, "\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":

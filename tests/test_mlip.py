@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from asla import ProblemError, load_problem
-from asla.builder import random_build
+from asla.bench.judge import reference_structure
+from asla.builder import check_fits, random_build
 from asla.calculators import make_calculator
 from asla.reward import EnergyEvaluator
 
@@ -69,10 +70,10 @@ def test_defaults_load_without_importing_the_packages() -> None:
     assert problem.calculator == {"name": "sevennet"}  # model and device default in the builder (7net-0, auto)
 
 
-def test_shipped_chgnet_problem_has_no_reference_and_chgnets_own_lattice(offline: None) -> None:
+def test_shipped_chgnet_problem_has_chgnets_own_lattice(offline: None) -> None:
     """The template is strained unless its lattice constant is the potential's own (EMT's 3.879 A is 1.8% short)."""
     problem = load_problem("pd100-oxide-3x3-chgnet")
-    assert problem.reference_energy is None and problem.calculator["name"] == "chgnet"
+    assert problem.calculator["name"] == "chgnet"
     pytest.importorskip("chgnet", reason="chgnet is not installed (extra asla[chgnet])")
     from ase.build import bulk
     from ase.eos import EquationOfState
@@ -95,3 +96,24 @@ def test_cuda_without_a_gpu_is_refused_in_one_line() -> None:
         pytest.skip("this machine has a CUDA device: the refusal cannot be seen here")
     with pytest.raises(ProblemError, match=r"^calculator.device: cuda requested but torch sees no CUDA device"):
         make_calculator({"name": "chgnet", "device": "cuda"})
+
+
+@pytest.mark.parametrize("name", ["pd100-oxide-3x3-chgnet", "graphene-c24-chgnet"])
+def test_shipped_mlip_problem_reference_reevaluates(name: str, offline: None) -> None:
+    """The MLIP problems' references (scripts/reference_minima.py with the potential itself): the structure is on
+    this problem's template with its bag, and one evaluation with the potential gives the stated energy."""
+    problem = load_problem(name)
+    check_fits(problem)
+    ref = problem.reference
+    assert ref.get("relaxed") is True and problem.reference_energy is not None
+    assert "scripts/reference_minima.py" in ref["method"]
+    atoms = reference_structure(problem)
+    assert atoms is not None, f"{ref['structure']} not found"
+    n_t = len(problem.template)
+    assert len(atoms) == n_t + sum(problem.bag.values())
+    assert np.allclose(atoms.positions[:n_t], problem.template.positions, atol=1e-6)   # not another lattice's slab
+    placed = atoms.get_chemical_symbols()[n_t:]
+    assert {s: placed.count(s) for s in set(placed)} == dict(problem.bag)
+    pytest.importorskip("chgnet", reason="chgnet is not installed (extra asla[chgnet])")
+    atoms.calc = make_calculator({**problem.calculator, "device": "cpu"})
+    assert abs(atoms.get_potential_energy() - problem.reference_energy) < 1e-3
