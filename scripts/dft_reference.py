@@ -90,7 +90,7 @@ def candidates(args) -> int:
     # EMT: the reference, the motif search, random relaxed builds + basin hopping
     ref = read(ROOT / emt.reference["structure"])
     pool: list[dict] = [{"source": "EMT reference (docs/reference/pd100-oxide-2x2.extxyz)",
-                         "emt_energy": emt_energy(emt, ref), "atoms": ref}]
+                         "emt_energy": emt_energy(emt, ref), "atoms": ref, "also": []}]
     es = CollectingSearch(emt, args.seed)
     es.phase = "EMT overlayer-motif search"
     motif = overlayer_motif_phase(es, top_k=args.per_source)
@@ -103,11 +103,16 @@ def candidates(args) -> int:
         # the random builds seed the basin hopping; its distinct minima and the motif's are the candidates
         rows = [r for r in es.found
                 if r[2] == phase or (phase == "EMT basin hopping" and r[2].startswith("EMT random"))]
+        lowest = min(rows, key=lambda r: r[0], default=None)
+        twin = lowest and next((c for c in pool if same_structure(emt, lowest[1], c["atoms"])), None)
+        if twin:  # the search's minimum is a candidate already (the motif's is the EMT reference): say so
+            twin["also"].append(f"lowest of the {phase}")
         for e, a, ph in distinct_lowest(emt, rows, args.per_source, taken=[c["atoms"] for c in pool]):
-            pool.append({"source": ph, "emt_energy": e, "atoms": a})
+            pool.append({"source": ph, "emt_energy": e, "atoms": a, "also": []})
     print(f"EMT: {n_emt} relaxations, {len(pool)} candidates ({time.time() - t0:.0f} s); {motif}", flush=True)
     # CHGNet: relax every EMT candidate, then a short random search + basin hopping from the best
-    chg = dataclasses.replace(problem, calculator={"name": "chgnet", "model": args.chgnet_model})
+    proxy = {"name": "chgnet", "model": args.chgnet_model} if args.proxy == "chgnet" else {"name": args.proxy}
+    chg = dataclasses.replace(problem, calculator=proxy)
     cs = CollectingSearch(chg, args.seed)
     cs.phase = "EMT candidate"
     for c in pool:
@@ -119,7 +124,8 @@ def candidates(args) -> int:
     cs.basin_hopping(60 * args.chgnet_minutes * 0.7)
     own = [r for r in cs.found if r[2] != "EMT candidate"]
     for e, a, ph in distinct_lowest(chg, own, args.per_source, taken=[c["start"] for c in pool]):
-        pool.append({"source": ph, "emt_energy": emt_energy(emt, a), "chgnet_energy": e, "atoms": a, "start": a})
+        pool.append({"source": ph, "emt_energy": emt_energy(emt, a), "chgnet_energy": e, "atoms": a, "start": a,
+                     "also": []})
     print(f"CHGNet: {cs.n_relax} relaxations ({cs.n_calls} calls, {time.time() - t1:.0f} s after the EMT candidates)",
           flush=True)
     # merge the candidates CHGNet relaxed into one arrangement; order them
@@ -129,10 +135,10 @@ def candidates(args) -> int:
             continue  # desorbed in CHGNet
         twin = next((m for m in merged if same_structure(problem, c["start"], m["start"])), None)
         if twin is not None:
-            twin["sources"].append(c["source"])
+            twin["sources"] += [c["source"], *c["also"]]
             twin["emt_energies"].append(c["emt_energy"])
             continue
-        merged.append({"sources": [c["source"]], "emt_energies": [c["emt_energy"]],
+        merged.append({"sources": [c["source"], *c["also"]], "emt_energies": [c["emt_energy"]],
                        "chgnet_energy": c["chgnet_energy"], "start": c["start"],
                        "chgnet_kept_arrangement": bool(same_structure(problem, c["start"], c["atoms"]))})
     ref_ids = {id(m) for m in merged if any(s.startswith("EMT reference") for s in m["sources"])}
@@ -147,7 +153,7 @@ def candidates(args) -> int:
     write(out / "candidates.extxyz", [s for _, s in records])
     write_json(out / "candidates.json", {
         "problem": problem.name, "seed": args.seed, "emt_relaxations": n_emt, "chgnet_relaxations": cs.n_relax,
-        "chgnet_calls": cs.n_calls, "seconds": time.time() - t0, "motif": motif,
+        "chgnet_calls": cs.n_calls, "seconds": time.time() - t0, "motif": motif, "proxy": proxy,
         "command": f"python scripts/dft_reference.py candidates --emt-minutes {args.emt_minutes:g} "
                    f"--chgnet-minutes {args.chgnet_minutes:g} --per-source {args.per_source} --seed {args.seed}",
         "candidates": [m for m, _ in records]})
@@ -353,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--emt-minutes", type=float, default=1.5, help="EMT random builds + basin hopping")
     c.add_argument("--chgnet-minutes", type=float, default=3.0, help="CHGNet random builds + basin hopping")
     c.add_argument("--chgnet-model", default="0.3.0")
+    c.add_argument("--proxy", default="chgnet", choices=("chgnet", "sevennet", "emt"),
+                   help="the PBE-like potential of the second search and the pre-relaxation (emt: for tests only)")
     c.add_argument("--per-source", type=int, default=3, help="distinct lowest arrangements kept per search")
     c.add_argument("--max-candidates", type=int, default=10)
     c.add_argument("--seed", type=int, default=0)

@@ -16,6 +16,7 @@ from ase.io.trajectory import Trajectory
 from ase.optimize import BFGS
 
 from asla import load_problem
+from asla.bench.judge import same_structure
 from asla.calculators import make_calculator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +163,27 @@ def test_an_scf_that_does_not_converge_is_retried_with_the_problems_retry_settin
     record = json.loads((out / "c01.json").read_text())
     assert record["retries"] == 1 and record["error"] is None and record["converged"]
     assert abs(record["energy"] - 2.4374) < 0.01
+
+
+def test_candidates_put_the_proxy_lowest_first_then_the_emt_minimum_all_distinct(tmp_path):
+    """The candidate phase with EMT as the proxy too (seconds; the shipped run uses CHGNet)."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(SCRIPT), "candidates", "--emt-minutes", "0.1", "--chgnet-minutes",
+                          "0.1", "--per-source", "2", "--proxy", "emt", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    plan = json.loads((out / "candidates.json").read_text())
+    cands, starts = plan["candidates"], read(out / "candidates.extxyz", ":")
+    assert len(cands) == len(starts) >= 2 and plan["proxy"] == {"name": "emt"}
+    assert [s.info["candidate"] for s in starts] == [c["name"] for c in cands]
+    assert len({c["name"] for c in cands}) == len(cands)
+    energies = [c["chgnet_energy"] for c in cands]
+    assert energies[0] == min(energies) and energies[2:] == sorted(energies[2:])
+    ref = next(c for c in cands if any(s.startswith("EMT reference") for s in c["sources"]))
+    assert ref["name"] in (cands[0]["name"], cands[1]["name"])
+    # the motif's only arrangement on the 2x2 cell (O above all four top sites) is the EMT reference itself
+    assert "lowest of the EMT overlayer-motif search" in ref["sources"]
+    emt = load_problem("pd100-oxide-2x2")
+    for i in range(len(starts)):
+        assert not any(same_structure(emt, starts[i], starts[j]) for j in range(i))
+    assert "not yet relaxed" in (out / "report.md").read_text()
