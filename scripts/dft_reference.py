@@ -272,7 +272,7 @@ def relax(args) -> int:
         write_json(out / f"{cand['name']}.json", record)
         print(f"{cand['name']}: {record.get('energy', float('nan')):.4f} eV, converged {record['converged']}, "
               f"{record['steps']} steps, {record['evaluations']} evaluations, {record['seconds']:.0f} s", flush=True)
-        best = write_report(problem, out)
+        best = write_report(problem, out, work)
         if best is not None:
             ref_path = ROOT / "docs" / "reference" / f"{problem.name}.extxyz" if args.out == DEFAULT_OUT \
                 else out / f"{problem.name}.extxyz"
@@ -300,8 +300,9 @@ def reference_method(plan: dict, out: Path, best: dict) -> str:
     return text
 
 
-def write_report(problem, out: Path) -> dict | None:
-    """docs/dft-reference.md (or OUT/report.md) from the candidates and the finished records; returns the lowest."""
+def write_report(problem, out: Path, work: Path | None = None) -> dict | None:
+    """docs/dft-reference.md (or OUT/report.md) from the candidates and the finished records; returns the lowest.
+    With `work`, a candidate still relaxing shows its trajectory's last frame (what a partial run has reached)."""
     plan = json.loads((out / "candidates.json").read_text())
     done = {r["name"]: r for r in finished(out, plan)}
     ok = [r for r in done.values() if r.get("energy") is not None and r["converged"]]
@@ -324,7 +325,13 @@ def write_report(problem, out: Path) -> dict | None:
         emt = " / ".join(f"{e:.4f}" for e in c["emt_energies"])
         head = f"| {c['name']} | {'; '.join(c['sources'])} | {emt} | {c['chgnet_energy']:.4f} |"
         if r is None:
-            lines.append(head + " not yet relaxed | | | | | | |")
+            frame, n = last_frame(work / f"{c['name']}.traj") if work else (None, 0)
+            if frame is None:
+                lines.append(head + " not yet relaxed | | | | | | |")
+            else:
+                fmax = np.linalg.norm(frame.get_forces(), axis=1).max()
+                lines.append(head + f" relaxing: {frame.get_potential_energy():.4f} at frame {n}, fmax "
+                             f"{fmax:.3f} eV/A | | no (running) | {n - 1} | | | |")
         elif r.get("energy") is None:
             lines.append(head + f" failed: {r['error']} | | no | {r['steps']} | {r['evaluations']} | "
                          f"{r['seconds'] / 3600:.2f} | |")
@@ -364,14 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--per-source", type=int, default=3, help="distinct lowest arrangements kept per search")
     c.add_argument("--max-candidates", type=int, default=10)
     c.add_argument("--seed", type=int, default=0)
+    for name in ("relax", "report"):
+        sub.choices[name].add_argument("--work", default="runs/dft-reference",
+                                       help="trajectories, GPAW logs, progress (resume state)")
     r = sub.choices["relax"]
-    r.add_argument("--work", default="runs/dft-reference", help="trajectories, GPAW logs, progress (resume state)")
     r.add_argument("--fmax", type=float, default=0.05)
     r.add_argument("--steps", type=int, default=150, help="cap on BFGS steps per candidate, resumes included")
     r.add_argument("--update-yaml", action="store_true", help="rewrite the problem YAML's reference: section")
     args = ap.parse_args(argv)
+    if args.phase != "candidates" and not (Path(args.out) / "candidates.json").exists():
+        ap.error(f"--out {args.out}: no candidates.json there; run the candidates phase first")
     if args.phase == "report":
-        write_report(load_problem(args.problem), Path(args.out))
+        write_report(load_problem(args.problem), Path(args.out), Path(args.work))
         return 0
     return candidates(args) if args.phase == "candidates" else relax(args)
 

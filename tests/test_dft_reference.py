@@ -94,6 +94,12 @@ def test_relax_resumes_from_the_last_trajectory_frame_and_writes_a_record_and_re
     with Trajectory(str(work / "c01-test.traj")) as t:
         killed_at = t[-1].positions.copy()
         n_before = len(t)
+    # the report of a partial run shows where the running relaxation stands
+    report = subprocess.run([sys.executable, str(SCRIPT), "report", "--problem", str(problem_yaml), "--out", str(out),
+                             "--work", str(work)], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    with Trajectory(str(work / "c01-test.traj")) as t:
+        assert f"relaxing: {t[-1].get_potential_energy():.4f} at frame 4" in (out / "report.md").read_text()
     run = subprocess.run([sys.executable, str(SCRIPT), "relax", "--problem", str(problem_yaml), "--out", str(out),
                           "--work", str(work), "--update-yaml"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -120,6 +126,9 @@ def test_relax_resumes_from_the_last_trajectory_frame_and_writes_a_record_and_re
     again = subprocess.run([sys.executable, str(SCRIPT), "relax", "--problem", str(problem_yaml), "--out", str(out),
                             "--work", str(work)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "relaxing" not in again.stdout
+    missing = subprocess.run([sys.executable, str(SCRIPT), "relax", "--out", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no candidates.json there" in missing.stderr.splitlines()[-1]
 
 
 FLAKY = '''
