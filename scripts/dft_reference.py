@@ -202,12 +202,14 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
     if resumed is not None:
         atoms.positions = resumed.positions
         progress["resumes"] += 1
+        progress["steps"] = n_frames - 1  # one frame per step after the first (ASE writes no frame twice)
         print(f"{name}: resuming from frame {n_frames} of {traj}", flush=True)
     atoms.set_constraint(FixAtoms(indices=range(len(problem.template))))
     settings = dict(problem.calculator)
     t_start = time.time() - progress["seconds"]
 
     def count() -> None:
+        progress["steps"] = steps_before + opt.nsteps
         progress["evaluations"] += 1
         progress["seconds"] = time.time() - t_start
         write_json(progress_path, progress)
@@ -221,18 +223,19 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
         calc = make_calculator({**settings, "txt": str(work / f"{name}.gpaw.txt")} if settings["name"] == "gpaw"
                                else settings)
         atoms.calc = calc
+        steps_before = progress["steps"]
         opt = BFGS(atoms, trajectory=str(traj), append_trajectory=True, logfile=str(work / f"{name}.log"))
         opt.attach(count, interval=1)
         try:
             if last_frame(traj)[1]:  # ASE neither writes nor observes the first frame of an appended trajectory
                 atoms.get_forces()  # the resumed frame's evaluation, counted here; BFGS reuses it
                 count()
-            converged = bool(opt.run(fmax=fmax, steps=max(steps - progress["steps"], 0)))
-            progress["steps"] += opt.nsteps
+            converged = bool(opt.run(fmax=fmax, steps=max(steps - steps_before, 0)))
+            progress["steps"] = steps_before + opt.nsteps
             error = None
             break
         except scf_errors() as exc:  # an SCF that does not converge; anything else is a bug and stops the run
-            progress["steps"] += opt.nsteps
+            progress["steps"] = steps_before + opt.nsteps
             error = f"{type(exc).__name__}: {exc}"
             write_json(progress_path, progress)
     record = {"name": name, "sources": cand["sources"], "emt_energies": cand["emt_energies"],

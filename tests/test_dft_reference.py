@@ -35,6 +35,7 @@ def test_dft_problem_has_the_geometry_grid_and_rules_of_the_emt_2x2_problem():
     assert (calc["name"], calc["mode"], calc["basis"], calc["xc"], calc["h"]) == ("gpaw", "lcao", "dzp", "PBE", 0.2)
     assert calc["kpts"] == [1, 1, 1] and calc["setups"] == {"Pd": "10"} and calc["symmetry"] == "off"
     assert calc["occupations"] == {"name": "fermi-dirac", "width": 0.1}  # a metal slab
+    assert calc["convergence"] == {"forces": 0.01}  # below the relaxations' fmax 0.05
     assert dft.faults.retries == 1 and dft.faults.retry_settings["mixer"]["beta"] == 0.02
 
 
