@@ -30,6 +30,8 @@ STAND_IN = {"tblite": {"name": "emt"}, "gpaw": {"name": "tersoff"}, "chgnet": {"
 def make_env(name: str, **kwargs) -> gym.Env:
     problem = load_problem(name)
     stand_in = STAND_IN.get(problem.calculator["name"])
+    if stand_in == {"name": "tersoff"} and set(problem.bag) != {"C"}:
+        stand_in = {"name": "emt"}  # Tersoff is carbon's stand-in; EMT that of metals and their oxides (GPAW on Pd/O)
     if stand_in is not None:
         problem = dataclasses.replace(problem, calculator=stand_in)
     return gym.make(asla.envs.ENV_IDS[name], problem=problem, **kwargs)
