@@ -189,6 +189,10 @@ class Faults:
                                    nullable=True, minimum=0.0, exclusive_minimum=True)
     retries: int = option(0, "retries of a failed evaluation, with retry_settings", "int", minimum=0, maximum=100)
     retry_settings: dict = option({}, "calculator keywords changed for the retries", "mapping")
+    min_distance: float = option(0.6, "after the problem's relaxation steps, two atoms closer than this fraction of "
+                                 "the sum of their covalent radii make the evaluation a failure (a hole of the "
+                                 "potential, which an ML potential may reward; no retry); 0: off", "number",
+                                 minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,9 @@ COLLAPSE = 0.6
 
 def collapsed(atoms: Atoms, fraction: float = COLLAPSE) -> bool:
     """Two atoms closer than `fraction` of the sum of their covalent radii: not a structure but a hole of the
-    potential. A machine-learned potential is trained on no such pairs and may reward them: relaxed with CHGNet
-    0.3.0, two Pd atoms on Pd(100) merged at 0.31 A and lay 0.8 eV below every sound structure."""
-    from ase.data import covalent_radii
-    r = covalent_radii[atoms.numbers]
-    d = atoms.get_all_distances(mic=True) + np.eye(len(atoms)) * 1e3
-    return bool(np.any(d < fraction * (r[:, None] + r[None, :])))
+    potential (asla.reward.collapsed_pair, which the reward applies after its relaxation steps too)."""
+    from asla.reward import collapsed_pair
+    return collapsed_pair(atoms, fraction) is not None
 
 
 class Search:

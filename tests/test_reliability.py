@@ -549,3 +549,56 @@ def test_a_failed_evaluation_costs_one_evaluation_per_try(mode, retries, calls):
     evaluator = EnergyEvaluator(problem)
     result = evaluator.evaluate(random_build(problem, np.random.default_rng(0)).atoms())
     assert not result.ok and result.n_calls == calls and evaluator.n_calls == calls
+
+
+# ---- a hole of the potential ----------------------------------------------------------------------------------
+
+HOLEY = '''
+import numpy as np
+from ase.calculators.calculator import Calculator
+from asla.emt import EMT
+
+class Holey(Calculator):
+    """EMT for all atoms but the last, which sits in a hole 30 eV deep 0.3 A from the second-last atom (a spring
+    pulls it there): such a hole as an ML potential can have."""
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        super().calculate(atoms, properties, system_changes or ["positions"])
+        rest = self.atoms[:-1]
+        rest.calc = EMT()
+        forces = np.zeros((len(self.atoms), 3))
+        forces[:-1] = rest.get_forces()
+        v = self.atoms.get_distance(-2, -1, mic=True, vector=True)
+        d = float(np.linalg.norm(v))
+        grad = 20.0 * (d - 0.3) * v / d  # of the spring 10 (d - 0.3)^2 by the last atom's position
+        forces[-1] -= grad
+        forces[-2] += grad
+        energy = rest.get_potential_energy() + 10.0 * (d - 0.3) ** 2 - 30.0
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+'''
+
+
+def test_a_relaxation_into_a_hole_of_the_potential_is_a_failed_evaluation(tmp_path, monkeypatch):
+    import numpy as np
+
+    from asla.builder import random_build
+    from asla.reward import EnergyEvaluator
+    (tmp_path / "holey.py").write_text(HOLEY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    holey = TINY_PROBLEM | {"calculator": {"name": "holey:Holey"}, "relax": {"steps": 10},
+                            "faults": {"retries": 2}}
+    problem = load_problem(holey)
+    atoms = random_build(problem, np.random.default_rng(3)).atoms()
+    guarded = EnergyEvaluator(problem)
+    ev = guarded.evaluate(atoms)
+    assert not ev.ok and np.isnan(ev.energy)
+    assert "collapsed two atoms" in ev.error and "covalent radii" in ev.error
+    assert ev.n_calls == 11 and guarded.n_calls == 11  # the ten steps and the end point were spent; no retry
+    open_hole = EnergyEvaluator(load_problem(holey | {"faults": {"retries": 2, "min_distance": 0}}))
+    rewarded = open_hole.evaluate(atoms)  # with the guard off, the hole is the reward: far below any structure
+    sound = EnergyEvaluator(load_problem(TINY_PROBLEM | {"relax": {"steps": 10}})).evaluate(atoms)
+    assert rewarded.ok and sound.ok and rewarded.energy < sound.energy - 5.0
+    assert sound.error is None  # plain EMT relaxes this build without a collapse
+    with pytest.raises(CalculatorError, match="collapsed two atoms"):  # the fault policy applies as to any failure
+        EnergyEvaluator(load_problem(holey | {"faults": {"on_error": "raise"}})).evaluate(atoms)
