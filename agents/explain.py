@@ -79,9 +79,9 @@ class Explanation:
         """Q minus the summed relevance: the bias and eps share (epsilon) or dropped relevance (zplus)."""
         return self.q - self.total
 
-    def placed(self, n_species: int, n_layers: int) -> np.ndarray:
-        """(na, nb) relevance of the placed-atom channels, summed over species and layers."""
-        return self.relevance[: n_species * n_layers].sum(0)
+    def atoms_map(self, n_species: int) -> np.ndarray:
+        """(na, nb) relevance of the atoms: the placed-atom and template channels summed (the bag planes left out)."""
+        return self.relevance[:-n_species].sum(0)
 
     def shares(self, n_species: int, n_layers: int) -> dict[str, float]:
         """Summed relevance of the placed atoms, the template planes and the bag planes, and the unassigned rest."""
@@ -257,7 +257,7 @@ def step_png(step: Step, problem: Problem) -> bytes:
     title = (f"{problem.name}, step {step.index}: {symbol} at {where}(i, j) = ({e.point // nb}, {e.point % nb}), "
              f"Q = {e.q:.4f}\nrelevance ({e.rule}) of placed atoms {shares['placed']:+.4f}, template "
              f"{shares['template']:+.4f}, bag planes {shares['bag']:+.4f}, unassigned {shares['unassigned']:+.4f}")
-    atom_map = e.relevance[:-S].sum(0)  # placed and template channels
+    atom_map = e.atoms_map(S)
     t = problem.template
     seen = [k for k in range(len(t)) if any(abs(t.positions[k, 2] - z) < 0.3 for z in problem.template_layers)]
     template = np.array([divmod(int(k), nb) for k in grid.nearest_point(t.positions[seen])] if seen else [])

@@ -713,7 +713,7 @@ def _log_relevance(writer, agent: Agent, problem, state: TrainState, step: int) 
         cases.append(("best_last_step", last, state.best_actions[-1]))
     for name, build, action in cases:
         e = explain(agent, build.observation(), action)
-        writer.add_image(f"relevance/{name}", render_relevance(e.relevance[:-problem.n_species].sum(0)), step,
+        writer.add_image(f"relevance/{name}", render_relevance(e.atoms_map(problem.n_species)), step,
                          dataformats="HWC")
 
 

@@ -62,8 +62,8 @@ class KeepInRegion:
     def index_shuffle(self, atoms: Atoms, ind) -> None:
         """ASE's protocol for `atoms[ind]` (a calculator that slices the structure it is given): keep the atoms
         that remain, renumbered; IndexError when none does (ASE then drops the constraint)."""
-        selected = np.arange(len(atoms))[ind]
-        kept = [new for new, old in enumerate(selected) if old in set(self.index.tolist())]
+        selected, mine = np.arange(len(atoms))[ind], set(self.index.tolist())
+        kept = [new for new, old in enumerate(selected) if old in mine]
         if not kept:
             raise IndexError("KeepInRegion: none of its atoms is kept")
         self.index = np.asarray(kept, dtype=int)

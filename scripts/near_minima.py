@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 from ase import Atoms
-from ase.constraints import FixAtoms
-from ase.optimize import BFGS
 
 from asla import load_problem
+from asla.basin import relax as judge_relax
 from asla.bench.judge import reference_structure, same_structure
 from asla.builder import atoms_from_actions
 from asla.calculators import make_calculator
@@ -35,12 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p = load_problem(args.problem)
     calc = make_calculator(p.calculator)
 
-    def relax(atoms: Atoms, fmax: float) -> tuple[float, Atoms]:
-        a = atoms.copy()
-        a.set_constraint(FixAtoms(indices=range(len(p.template))))
-        a.calc = calc
-        BFGS(a, logfile=None).run(fmax=fmax, steps=2000)
-        return float(a.get_potential_energy()), a
+    def relax(atoms: Atoms, fmax: float) -> tuple[float, Atoms]:  # the judge's relaxation, to fmax
+        a = judge_relax(p, atoms, fmax=fmax, steps=2000)
+        return a.info["relaxed_energy"], a
 
     t0 = time.time()
     arrangements = lattice_gas_arrangements(p)

@@ -314,8 +314,8 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
               f"{_hit(rec['strict_found_at_evaluations'])} (basin check {rec['basin_check']['seconds']:.1f} s)",
               flush=True)
     for p in problems:  # skip reasons for the report, also when every run was already finished
-        for m in ("asla-transfer", "asla-zeroshot", "asla-surrogate", "asla-transfer-surrogate"):
-            if m in args.methods and (p.slug, m) not in skips and not any(
+        for m in args.methods:
+            if (p.slug, m) not in skips and not any(
                     record_path(results, p.slug, m, s).exists() for s in seeds):
                 try:
                     bm.applicable(m, p)

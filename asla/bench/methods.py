@@ -134,17 +134,24 @@ def _counting_problem(problem: BenchProblem, ledger_name: str) -> Problem:
 def applicable(method: str, problem: BenchProblem) -> None:
     """Skipped (with the reason the report shows) where `method` has nothing to start from on `problem`: no
     pretrained agent of another problem, no surrogate recipe."""
-    if method in SURROGATE_METHODS and problem.surrogate_recipe is None:
-        raise Skipped(f"skipped: no surrogate recipe for {problem.slug} (give one with --surrogate-recipe RECIPE; "
-                      "the shipped problems' are configs/<name>-surrogate.yaml)")
+    if method in SURROGATE_METHODS:
+        _check_surrogate_recipe(problem)
     if method in ("asla-transfer", "asla-zeroshot", "asla-transfer-surrogate"):
         pretrained_source(method, problem)
 
 
+def _check_surrogate_recipe(problem: BenchProblem) -> None:
+    if problem.surrogate_recipe is None:
+        raise Skipped(f"skipped: no surrogate recipe for {problem.slug} (give one with --surrogate-recipe RECIPE; "
+                      "the shipped problems' are configs/<name>-surrogate.yaml)")
+
+
 def _asla_config(ctx: RunContext) -> dict:
+    """The recipe of a training method, counted by the run's ledger (the pretrained agent is run_asla_transfer's)."""
     budget = ctx.outcome.ledger.budget
     surrogate = ctx.method in SURROGATE_METHODS
-    applicable(ctx.method, ctx.problem)
+    if surrogate:
+        _check_surrogate_recipe(ctx.problem)
     cfg = ctx.problem.config([
         f"seed={ctx.seed}", "episodes=100000000", "log_images_every=100000000", "record_evaluations=false",
         f"checkpoint_every={ctx.checkpoint_every}", "executor=serial",

@@ -98,16 +98,19 @@ class BenchProblem:
         return f"configs/{self.slug}.yaml" if shipped_own else (
             self.recipe or "the default recipe (asla.agents.defaults)")
 
+    def _committed(self, table: dict, default):
+        """The committed report's value for a shipped problem (`table`), else the generic `default`."""
+        return table.get(self.slug, default) if self.shipped else default
+
     def budget(self, method: str) -> int:
         if method in SURROGATE_METHODS:
-            return SURROGATE_BUDGET.get(self.slug, DEFAULT_SURROGATE_BUDGET) if self.shipped else \
-                DEFAULT_SURROGATE_BUDGET
+            return self._committed(SURROGATE_BUDGET, DEFAULT_SURROGATE_BUDGET)
         if method == "gofee":
-            return GOFEE_BUDGET.get(self.slug, DEFAULT_GOFEE_BUDGET) if self.shipped else DEFAULT_GOFEE_BUDGET
-        return BUDGET.get(self.slug, DEFAULT_BUDGET) if self.shipped else DEFAULT_BUDGET
+            return self._committed(GOFEE_BUDGET, DEFAULT_GOFEE_BUDGET)
+        return self._committed(BUDGET, DEFAULT_BUDGET)
 
     def window(self) -> float:
-        return WINDOW.get(self.slug, DEFAULT_WINDOW) if self.shipped else DEFAULT_WINDOW
+        return self._committed(WINDOW, DEFAULT_WINDOW)
 
 
 def expand_suite(specs: list[str]) -> list[str]:
