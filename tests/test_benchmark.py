@@ -482,6 +482,10 @@ def test_strict_criterion_tells_a_distinct_arrangement_inside_the_energy_window_
     assert only_distinct["found"] is not None and only_distinct["strict_found"] is None
     reference_first = first_in_basin(problem, trace[1:], window=5.0, strict=judge.StrictCheck(problem))
     assert reference_first["first_hit_is_reference"] is True
+    # Online, `--stop-when-found strict` does not stop at the distinct arrangement, only at the reference itself.
+    basin_stop, strict_stop = FoundCheck(problem), FoundCheck(problem, strict=judge.StrictCheck(problem))
+    assert basin_stop(distinct, ref + 0.5) and not strict_stop(distinct, ref + 0.5)
+    assert strict_stop(image, ref + 0.2)
 
 
 def test_reference_minima_on_a_problem_file_writes_where_told_and_rewrites_the_yaml_only_when_asked(tmp_path):

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from asla.bench import methods as bm
-from asla.bench.judge import TOL, FoundCheck
+from asla.bench.judge import TOL, FoundCheck, StrictCheck
 from asla.bench.problems import (
     DEFAULT_GOFEE_BUDGET,
     DEFAULT_SURROGATE_BUDGET,
@@ -98,7 +98,8 @@ def run_one(args: argparse.Namespace, problem: BenchProblem, method: str, seed: 
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=f"bench-{problem.slug}-{method}-s{seed}-")))
         try:
-            stop_when = FoundCheck(loaded, TOL, window) if args.stop_when_found else None
+            strict = StrictCheck(loaded, problem.base) if args.stop_when_found == "strict" else None
+            stop_when = FoundCheck(loaded, TOL, window, strict) if args.stop_when_found else None
             outcome = bm.run_method(method, problem, seed, budget, work, quick=args.quick,
                                     checkpoint_every=args.checkpoint_every, stop_when=stop_when)
         except bm.Skipped as skip:
@@ -116,7 +117,8 @@ def run_one(args: argparse.Namespace, problem: BenchProblem, method: str, seed: 
     return {**base, "status": "done", **judgement(problem, trace, window, known, structures),
             "evaluations_spent": ledger.count, "wall_seconds": outcome.wall_seconds,
             "best_energy": trace[-1]["energy"] if trace else None,
-            "stopped_when_found": outcome.ledger.stopped, "settings": outcome.settings, "notes": outcome.notes,
+            "stopped_when_found": outcome.ledger.stopped,
+            "stop_rule": args.stop_when_found, "settings": outcome.settings, "notes": outcome.notes,
             "trace": [[row["evaluations"], round(row["seconds"], 4), row["energy"]] for row in trace],
             "finished": now(), "machine": machine()["cpu"]}
 
@@ -221,10 +223,11 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint-every", type=int, default=bm.CHECKPOINT_EVERY,
                     help=f"episodes between an ASLA training run's checkpoints (default {bm.CHECKPOINT_EVERY}); "
                          "a killed benchmark resumes its training run from the last one")
-    ap.add_argument("--stop-when-found", action="store_true",
+    ap.add_argument("--stop-when-found", nargs="?", const="basin", choices=("basin", "strict"),
                     help="end each run at its first improvement that relaxes into the minimum's basin (checked on "
                          "the improvements within the window, a local relaxation's steps by its start and end; off "
-                         "the clock): the success curves are the same, found runs cost less")
+                         "the clock): the success curves are the same, found runs cost less; `strict`: at its first "
+                         "that relaxes into the reference structure itself (both criteria's curves stay the same)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each in its own process (default 1); sets OMP_NUM_THREADS=1 unless set")
     ap.add_argument("--report-only", action="store_true", help="remake the report from finished runs; run nothing")

@@ -212,10 +212,16 @@ class FoundCheck:
     that starts elsewhere; its steps in between are not relaxed. RSS and basin hopping improve the best at every
     step of a relaxation (60-140 per run on the xTB graphene): relaxing each took 15-20 min per run there, against
     16-230 s for the descents' ends. A hit that only a descent's later steps reach stops the run late (or not at
-    all); the record's first hit is still the offline judgement's."""
+    all); the record's first hit is still the offline judgement's.
 
-    def __init__(self, problem: Problem, tol: float = TOL, window: float = 5.0) -> None:
+    With `strict` (a StrictCheck) a hit must also be the reference structure itself: a run stops at its strict hit
+    (the suite has distinct minima 1-17 meV above the reference, inside the basin's 0.05 eV, that would otherwise
+    stop a run before it reaches the minimum), and both of its first hits stand as offline."""
+
+    def __init__(self, problem: Problem, tol: float = TOL, window: float = 5.0,
+                 strict: StrictCheck | None = None) -> None:
         self.problem, self.tol, self.window = problem, tol, window
+        self.strict = strict if strict is not None and strict.available else None
         self.relaxed: dict[bytes, float] = {}
         self.structures: dict[bytes, Atoms] = {}
         self._descent: Any = None  # the lowest point so far of the current descent
@@ -225,7 +231,8 @@ class FoundCheck:
         if key not in self.relaxed:
             done = relax(self.problem, atoms)
             self.relaxed[key], self.structures[key] = float(done.info["relaxed_energy"]), done
-        return in_basin(self.relaxed[key], self.problem.reference_energy, self.tol)
+        found = in_basin(self.relaxed[key], self.problem.reference_energy, self.tol)
+        return found and (self.strict is None or bool(self.strict(self.structures[key])))
 
     def __call__(self, atoms: Atoms, energy: float) -> bool:
         ref = self.problem.reference_energy
