@@ -11,10 +11,14 @@ the starting geometry of its DFT relaxation; arrangements that CHGNet relaxes in
 partial DFT run already covers the likeliest minima. Writes OUT/candidates.json and OUT/candidates.extxyz.
 
 ``relax`` (hours): each candidate in that order relaxed with the problem's calculator (GPAW; template fixed, BFGS,
-fmax 0.05 eV/A, a cap on the steps). Each relaxation appends to an ASE trajectory in WORK, so a killed run resumes
-from the last frame (BFGS restarts its Hessian there); a finished one writes OUT/<candidate>.json (energy, steps, DFT
-evaluations, wall seconds) and OUT/<candidate>.extxyz, then the report (docs/dft-reference.md) and the lowest
-finished structure as docs/reference/<problem>.extxyz; --update-yaml rewrites the problem YAML's `reference:`.
+fmax 0.05 eV/A, a cap on the steps). Each relaxation appends to an ASE trajectory in WORK and, after every step,
+writes a checkpoint to KEEP (OUT/progress: the last frame with its energy and forces, the BFGS state, the counts),
+small files meant to be committed: WORK is lost with the machine, and one candidate's relaxation takes longer than
+a working session (about 150 GPAW steps of a minute each). A killed run resumes from WORK's last frame, or, where
+WORK is gone, from KEEP's, with BFGS's Hessian restored either way (the same path as a run never killed). A
+finished one writes OUT/<candidate>.json (energy, steps, DFT evaluations, wall seconds) and OUT/<candidate>.extxyz
+(its checkpoint is then removed), then the report (docs/dft-reference.md) and the lowest finished structure as
+docs/reference/<problem>.extxyz; --update-yaml rewrites the problem YAML's `reference:`.
 
 Usage (the shipped run; the second line resumes it after a kill):
     python scripts/dft_reference.py candidates --emt-minutes 1.5 --chgnet-minutes 3
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import time
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.io import read, write
 from ase.optimize import BFGS
@@ -190,20 +196,62 @@ def scf_errors() -> tuple[type[Exception], ...]:
     return (ConvergenceError,)
 
 
-def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps: int) -> dict:
-    """Relax one candidate with the problem's calculator, resuming from its trajectory; returns its record."""
+class Checkpoint:
+    """One candidate's resume state in KEEP, written atomically after every step: `<name>.extxyz` (the last
+    evaluated frame, energy and forces), `<name>.bfgs.json` (ASE's BFGS restart file: Hessian, previous positions
+    and forces, maximum step), `<name>.progress.json` (evaluations, steps, seconds, resumes, retries)."""
+
+    def __init__(self, keep: Path, name: str) -> None:
+        self.frame, self.bfgs, self.progress = (keep / f"{name}{ext}" for ext in (".extxyz", ".bfgs.json",
+                                                                                  ".progress.json"))
+
+    def exists(self) -> bool:
+        return self.frame.exists() and self.progress.exists()
+
+    def save(self, atoms: Atoms, progress: dict, bfgs: Path) -> None:
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        text = io.StringIO()
+        write(text, frame, format="extxyz")
+        self.frame.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.frame, text.getvalue())
+        if bfgs.exists():
+            atomic_write_text(self.bfgs, bfgs.read_text())
+        write_json(self.progress, progress)
+
+    def remove(self) -> None:
+        for path in (self.frame, self.bfgs, self.progress):
+            path.unlink(missing_ok=True)
+
+
+def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps: int,
+              keep: Path | None = None) -> dict:
+    """Relax one candidate with the problem's calculator, resuming from its trajectory in `work` or else from its
+    checkpoint in `keep` (OUT/progress); returns its record (the caller writes it)."""
     name = cand["name"]
+    work.mkdir(parents=True, exist_ok=True)
     traj = work / f"{name}.traj"
+    bfgs = work / f"{name}.bfgs.json"  # BFGS's own restart file, read by BFGS when it exists
+    checkpoint = Checkpoint(keep if keep is not None else work / "keep", name)
     progress_path = work / f"{name}.progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else \
-        {"evaluations": 0, "steps": 0, "seconds": 0.0, "resumes": 0, "retries": 0}
     atoms = start.copy()
     resumed, n_frames = last_frame(traj)
+    if resumed is None and checkpoint.exists():  # WORK is gone (another machine): the committed checkpoint
+        progress = json.loads(checkpoint.progress.read_text())
+        resumed = read(checkpoint.frame)
+        if checkpoint.bfgs.exists():
+            atomic_write_text(bfgs, checkpoint.bfgs.read_text())
+        progress["resumes"] += 1
+        print(f"{name}: resuming from the checkpoint {checkpoint.frame} (step {progress['steps']})", flush=True)
+    else:
+        progress = json.loads(progress_path.read_text()) if progress_path.exists() else \
+            {"evaluations": 0, "steps": 0, "seconds": 0.0, "resumes": 0, "retries": 0}
+        if resumed is not None:
+            progress["resumes"] += 1
+            progress["steps"] = n_frames - 1  # one frame per step after the first (ASE writes no frame twice)
+            print(f"{name}: resuming from frame {n_frames} of {traj}", flush=True)
     if resumed is not None:
         atoms.positions = resumed.positions
-        progress["resumes"] += 1
-        progress["steps"] = n_frames - 1  # one frame per step after the first (ASE writes no frame twice)
-        print(f"{name}: resuming from frame {n_frames} of {traj}", flush=True)
     atoms.set_constraint(FixAtoms(indices=range(len(problem.template))))
     settings = dict(problem.calculator)
     t_start = time.time() - progress["seconds"]
@@ -213,6 +261,7 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
         progress["evaluations"] += 1
         progress["seconds"] = time.time() - t_start
         write_json(progress_path, progress)
+        checkpoint.save(atoms, progress, bfgs)
 
     converged, error = False, None
     for attempt in range(problem.faults.retries + 1):
@@ -224,7 +273,8 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
                                else settings)
         atoms.calc = calc
         steps_before = progress["steps"]
-        opt = BFGS(atoms, trajectory=str(traj), append_trajectory=True, logfile=str(work / f"{name}.log"))
+        opt = BFGS(atoms, trajectory=str(traj), append_trajectory=True, logfile=str(work / f"{name}.log"),
+                   restart=str(bfgs))
         opt.attach(count, interval=1)
         try:
             if last_frame(traj)[1]:  # ASE neither writes nor observes the first frame of an appended trajectory
@@ -258,6 +308,7 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
 def relax(args) -> int:
     problem = load_problem(args.problem)
     out, work = Path(args.out), Path(args.work)
+    keep = Path(args.keep) if args.keep else out / "progress"
     work.mkdir(parents=True, exist_ok=True)
     plan = json.loads((out / "candidates.json").read_text())
     starts = read(out / "candidates.extxyz", ":")
@@ -266,16 +317,17 @@ def relax(args) -> int:
             continue
         print(f"{cand['name']}: relaxing with {problem.calculator['name']} "
               f"(CHGNet {cand['chgnet_energy']:.4f} eV; {'; '.join(cand['sources'])})", flush=True)
-        record = relax_one(problem, cand, start, work, args.fmax, args.steps)
+        record = relax_one(problem, cand, start, work, args.fmax, args.steps, keep)
         atoms = record.pop("atoms", None)
         if atoms is not None:
             record["structure"] = str(out / f"{cand['name']}.extxyz")
             write(out / f"{cand['name']}.extxyz", atoms)
         record["command"] = f"python scripts/dft_reference.py relax --fmax {args.fmax:g} --steps {args.steps}"
         write_json(out / f"{cand['name']}.json", record)
+        Checkpoint(keep, cand["name"]).remove()  # the record supersedes it
         print(f"{cand['name']}: {record.get('energy', float('nan')):.4f} eV, converged {record['converged']}, "
               f"{record['steps']} steps, {record['evaluations']} evaluations, {record['seconds']:.0f} s", flush=True)
-        best = write_report(problem, out, work)
+        best = write_report(problem, out, work, keep)
         if best is not None:
             ref_path = ROOT / "docs" / "reference" / f"{problem.name}.extxyz" if args.out == DEFAULT_OUT \
                 else out / f"{problem.name}.extxyz"
@@ -303,9 +355,11 @@ def reference_method(plan: dict, out: Path, best: dict) -> str:
     return text
 
 
-def write_report(problem, out: Path, work: Path | None = None) -> dict | None:
+def write_report(problem, out: Path, work: Path | None = None, keep: Path | None = None) -> dict | None:
     """docs/dft-reference.md (or OUT/report.md) from the candidates and the finished records; returns the lowest.
-    With `work`, a candidate still relaxing shows its trajectory's last frame (what a partial run has reached)."""
+    A candidate still relaxing shows its trajectory's last frame in `work`, or else its checkpoint's in `keep`
+    (default OUT/progress): what a partial run has reached."""
+    keep = keep if keep is not None else out / "progress"
     plan = json.loads((out / "candidates.json").read_text())
     done = {r["name"]: r for r in finished(out, plan)}
     ok = [r for r in done.values() if r.get("energy") is not None and r["converged"]]
@@ -320,7 +374,8 @@ def write_report(problem, out: Path, work: Path | None = None) -> dict | None:
              f"{plan['chgnet_relaxations']} CHGNet relaxations with {plan['chgnet_calls']} calls, "
              f"{plan['seconds'] / 60:.1f} min; {plan['motif']}). DFT relaxations: "
              "`nice -n 5 python scripts/dft_reference.py relax --update-yaml` (the same command resumes a killed run "
-             "from each trajectory's last frame).", "",
+             "from each trajectory's last frame, or on another machine from the committed checkpoints in "
+             "docs/dft-reference/progress/).", "",
              "| candidate | sources | EMT (eV) | CHGNet (eV) | DFT (eV) | DFT - lowest (eV) | converged | steps | "
              "DFT evaluations | hours | arrangement kept |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in plan["candidates"]:
@@ -329,6 +384,9 @@ def write_report(problem, out: Path, work: Path | None = None) -> dict | None:
         head = f"| {c['name']} | {'; '.join(c['sources'])} | {emt} | {c['chgnet_energy']:.4f} |"
         if r is None:
             frame, n = last_frame(work / f"{c['name']}.traj") if work else (None, 0)
+            checkpoint = Checkpoint(keep, c["name"])
+            if frame is None and checkpoint.exists():
+                frame, n = read(checkpoint.frame), json.loads(checkpoint.progress.read_text())["steps"] + 1
             if frame is None:
                 lines.append(head + " not yet relaxed | | | | | | |")
             else:
@@ -377,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("relax", "report"):
         sub.choices[name].add_argument("--work", default="runs/dft-reference",
                                        help="trajectories, GPAW logs, progress (resume state)")
+        sub.choices[name].add_argument("--keep", default=None,
+                                       help="per-step checkpoints to commit (default OUT/progress): the resume state "
+                                            "where WORK is gone")
     r = sub.choices["relax"]
     r.add_argument("--fmax", type=float, default=0.05)
     r.add_argument("--steps", type=int, default=150, help="cap on BFGS steps per candidate, resumes included")
@@ -385,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase != "candidates" and not (Path(args.out) / "candidates.json").exists():
         ap.error(f"--out {args.out}: no candidates.json there; run the candidates phase first")
     if args.phase == "report":
-        write_report(load_problem(args.problem), Path(args.out), Path(args.work))
+        write_report(load_problem(args.problem), Path(args.out), Path(args.work),
+                     Path(args.keep) if args.keep else None)
         return 0
     return candidates(args) if args.phase == "candidates" else relax(args)
 

@@ -132,6 +132,41 @@ def test_relax_resumes_from_the_last_trajectory_frame_and_writes_a_record_and_re
     assert missing.returncode == 2 and "no candidates.json there" in missing.stderr.splitlines()[-1]
 
 
+
+def test_a_relaxation_whose_work_directory_is_lost_resumes_from_its_checkpoint_on_the_same_path(tmp_path):
+    """The machine (and WORK with it) is gone after 3 steps: the committed checkpoint (last frame, BFGS Hessian,
+    counts) continues the relaxation exactly as if it had never stopped, and the finished record removes it."""
+    mod = _script()
+    problem = load_problem("pd100-oxide-2x2")
+    start = read(ROOT / "docs" / "reference" / "pd100-oxide-2x2.extxyz")
+    start.positions[12:] += np.random.default_rng(2).normal(0, 0.15, (8, 3))
+    cand = {"name": "c01", "sources": ["a test"], "emt_energies": [2.44], "chgnet_energy": -101.0}
+    whole = mod.relax_one(problem, cand, start, tmp_path / "whole", 0.05, 60, tmp_path / "whole-keep")
+    keep = tmp_path / "keep"
+    cut = mod.relax_one(problem, cand, start, tmp_path / "lost", 0.05, 3, keep)  # then the machine is gone
+    assert not cut["converged"] and cut["steps"] == 3
+    for ext in (".extxyz", ".bfgs.json", ".progress.json"):
+        assert (keep / f"c01{ext}").exists()
+    saved = read(keep / "c01.extxyz")
+    assert np.allclose(saved.positions, cut["atoms"].positions)
+    assert abs(saved.get_potential_energy() - cut["energy"]) < 1e-9  # the frame carries its energy and forces
+    resumed = mod.relax_one(problem, cand, start, tmp_path / "new-machine", 0.05, 60, keep)
+    assert resumed["converged"] and resumed["resumes"] == 1
+    assert resumed["steps"] == whole["steps"]  # the Hessian came back: the same steps, not a restart from scratch
+    assert np.allclose(resumed["atoms"].positions, whole["atoms"].positions, atol=1e-6)
+    assert resumed["evaluations"] == whole["evaluations"] + 1  # the resumed frame is evaluated once more
+    # a checkpoint-only partial run shows in the report like a trajectory would
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "candidates.extxyz", [start])
+    (out / "candidates.json").write_text(json.dumps({
+        "candidates": [cand], "command": "by hand", "emt_relaxations": 0, "chgnet_relaxations": 0,
+        "chgnet_calls": 0, "seconds": 0.0, "motif": "none"}))
+    mod.relax_one(problem, cand, start, tmp_path / "again", 0.05, 3, out / "progress")
+    mod.write_report(problem, out, tmp_path / "no-such-work")
+    assert f"relaxing: {cut['energy']:.4f} at frame 4" in (out / "report.md").read_text()
+
+
 FLAKY = '''
 from ase.calculators.emt import EMT
 from gpaw import KohnShamConvergenceError
