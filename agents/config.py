@@ -100,6 +100,9 @@ class Network:
     dilation: int = option(1, "dilation of the convolutions", "int", minimum=1, maximum=16)
     global_branch: bool = option(True, "each block adds a linear map of the channel means (whole-cell context)",
                                  "bool")
+    kind: str = option("auto", "2d: convolutions over stacked planes; 3d: over a voxel volume (ASLA-3D, needs the "
+                       "problem's observation.layout: volume); auto: what the problem's layout needs", "choice",
+                       choices=("auto", "2d", "3d"))
 
 
 def _schedule(first: float, last: float, decay: int, what: str, upper: float | None) -> type:

@@ -102,6 +102,9 @@ def relevance(net: QNetwork, obs: np.ndarray, action: int, rule: Rule = "epsilon
               epsilon: float = DEFAULT_EPSILON) -> tuple[np.ndarray, float]:
     """(relevance of shape obs.shape, Q) for `action` (index into the flattened Q output) on one (C, na, nb) image."""
     check_rule(rule, epsilon)
+    if net.cfg.kind != "2d":
+        raise AslaError(f"relevance maps are for 2d networks; this agent's network is {net.cfg.kind} (ASLA-3D "
+                        "relevance is not implemented)")
     x0 = torch.as_tensor(np.asarray(obs, dtype=np.float64))[None]
     if x0.ndim != 4 or x0.shape[1] != net.in_channels:
         raise AslaError(f"observation: must be one (channels={net.in_channels}, na, nb) image, got "

@@ -185,6 +185,9 @@ class Trainer:
         cfg, problem, learn_cfg = self.cfg, self.problem, self.cfg["learning"]
         self.agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
                                        device=cfg["device"])
+        if cfg.get("log_relevance", False) and self.agent.network_config.kind == "3d":
+            raise ConfigError("log_relevance", "relevance maps are for 2d networks; problem "
+                              f"{problem.name!r} trains a 3d one (observation.layout: volume): set it to false")
         self.eps_schedule = cfg["epsilon"]
         if cfg.get("init_from"):
             source = Agent.load(cfg["init_from"])
@@ -690,6 +693,11 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
     mask = s0.action_mask()
     q = np.where(mask, q, np.nan).reshape(problem.n_species, problem.grid.n_layers, problem.grid.na, problem.grid.nb)
     for s, sym in enumerate(problem.species):
+        if problem.volume:  # a Q volume: its highest legal value over z at each (a, b), not one picture a level
+            with np.errstate(all="ignore"):
+                top = np.where(np.isnan(q[s]).all(0), np.nan, np.nanmax(np.where(np.isnan(q[s]), -np.inf, q[s]), 0))
+            writer.add_image(f"q_values/{sym}_max_over_z_step0", render_heatmap(top), step, dataformats="HWC")
+            continue
         for layer in range(problem.grid.n_layers):
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
 
