@@ -317,9 +317,16 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
 
 def _check_problem(cfg: dict) -> None:
     """Load the problem with the recipe's overrides (cheap: no random builds), so that a bad problem or
-    problem_overrides value fails here, in one line, before a run directory is made."""
+    problem_overrides value, or a network kind that does not fit the problem's observation, fails here, in one
+    line, before a run directory is made."""
     from asla.problem import load_problem
-    load_problem(cfg["problem"], **cfg["problem_overrides"])
+
+    from .agent import network_kind_for
+    problem = load_problem(cfg["problem"], **cfg["problem_overrides"])
+    kind = network_kind_for(problem, cfg["network"]["kind"])
+    if kind == "3d" and cfg.get("log_relevance"):
+        raise ConfigError("log_relevance", f"relevance maps are for 2d networks; problem {problem.name!r} trains a "
+                          "3d one (observation.layout: volume): set it to false")
 
 
 def _apply_override(cfg: dict, item: str) -> None:

@@ -185,9 +185,6 @@ class Trainer:
         cfg, problem, learn_cfg = self.cfg, self.problem, self.cfg["learning"]
         self.agent = Agent.for_problem(problem, NetworkConfig(**cfg["network"], periodic=bool(problem.pbc[0])),
                                        device=cfg["device"])
-        if cfg.get("log_relevance", False) and self.agent.network_config.kind == "3d":
-            raise ConfigError("log_relevance", "relevance maps are for 2d networks; problem "
-                              f"{problem.name!r} trains a 3d one (observation.layout: volume): set it to false")
         self.eps_schedule = cfg["epsilon"]
         if cfg.get("init_from"):
             source = Agent.load(cfg["init_from"])
