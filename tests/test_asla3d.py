@@ -167,3 +167,33 @@ def test_mismatched_agent_or_recipe_fails_in_one_line(tmp_path, capsys):
     assert main(["build", str(tmp_path / "a3d"), "--problem", "tiny-pd2o", "--out", str(tmp_path / "out.extxyz")]) == 2
     out = capsys.readouterr().err
     assert out.count("\n") == 1 and "network mismatch" in out and not (tmp_path / "out.extxyz").exists()
+
+
+def test_3d_agent_beats_the_random_builder_on_the_tiny_voxel_problem(tmp_path):
+    """configs/tiny-pd2o-3d.yaml, seed 0 (about 20-30 s on one core): the agent's best build lies within 0.2 eV of
+    the enumerated minimum (seeds 0-2 all reached the second-lowest structure, 0.121 eV above it, in 111-120
+    evaluations); a uniformly random legal builder with the same number of distinct evaluated structures did not get
+    that close in any of 20 seeds (its best: 0.55-1.29 eV above)."""
+    from asla.reward import EnergyEvaluator
+    problem = load_problem(PROBLEM)
+    ref = problem.reference_energy
+    cfg = load_config("configs/tiny-pd2o-3d.yaml", ["seed=0", "record_evaluations=false"])
+    summary = train(cfg, run_dir=tmp_path / "run", progress=False)
+    budget = summary["energy_evaluations"]
+    assert summary["best_energy"] - ref < 0.2, f"3D agent best {summary['best_energy'] - ref:.3f} eV above"
+    greedy = Agent.load(tmp_path / "run").build(problem, n=1)[0]
+    assert greedy.energy - ref < 0.2, f"greedy build {greedy.energy - ref:.3f} eV above the minimum"
+    evaluator = EnergyEvaluator(problem)
+    close = 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        seen: set = set()
+        best = np.inf
+        while len(seen) < budget:
+            state = random_build(problem, rng)
+            key = state.canonical_key()
+            if key not in seen:
+                seen.add(key)
+                best = min(best, evaluator.evaluate(state.atoms(), key=key).energy)
+        close += best - ref < 0.2
+    assert close <= 2, f"the random builder came within 0.2 eV in {close}/20 runs with {budget} evaluations"
