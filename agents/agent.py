@@ -76,7 +76,8 @@ class Agent:
         self.grid_spacing = (float(grid_spacing[0]), float(grid_spacing[1]))
         self.n_layers = int(n_layers)
         self.in_channels = int(in_channels)
-        self.network_config = network or NetworkConfig()
+        network = network or NetworkConfig()
+        self.network_config = replace(network, kind="2d") if network.kind == "auto" else network
         self.device = pick_device(device)
         self.net = QNetwork(in_channels, out_channels(self.species, self.n_layers, self.network_config),
                             self.network_config).to(self.device)

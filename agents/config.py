@@ -322,11 +322,7 @@ def _check_problem(cfg: dict) -> None:
     from asla.problem import load_problem
 
     from .agent import network_kind_for
-    problem = load_problem(cfg["problem"], **cfg["problem_overrides"])
-    kind = network_kind_for(problem, cfg["network"]["kind"])
-    if kind == "3d" and cfg.get("log_relevance"):
-        raise ConfigError("log_relevance", f"relevance maps are for 2d networks; problem {problem.name!r} trains a "
-                          "3d one (observation.layout: volume): set it to false")
+    network_kind_for(load_problem(cfg["problem"], **cfg["problem_overrides"]), cfg["network"]["kind"])
 
 
 def _apply_override(cfg: dict, item: str) -> None:

@@ -10,13 +10,13 @@ Its flattened output, (species, z, point), is the 2D network's (species, layer, 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-KINDS = ("2d", "3d")
+KINDS = ("2d", "3d")  # and "auto" in a config, resolved before a network is built
 
 
 @dataclass
@@ -27,7 +27,9 @@ class NetworkConfig:
     dilation: int = 1
     global_branch: bool = True
     periodic: bool = True
-    kind: str = "2d"  # "2d": stacked planes (C, na, nb); "3d": a voxel volume (C, n_z, na, nb)
+    # "2d": stacked planes (C, na, nb); "3d": a voxel volume (C, n_z, na, nb); "auto": what the problem's
+    # observation.layout needs (Agent.for_problem), 2d for a network built without a problem
+    kind: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +77,8 @@ class _Block(nn.Module):
 class QNetwork(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, cfg: NetworkConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg or NetworkConfig()
+        cfg = cfg or NetworkConfig()
+        self.cfg = replace(cfg, kind="2d") if cfg.kind == "auto" else cfg
         self.in_channels, self.out_channels = in_channels, out_channels
         c = self.cfg
         if c.kind not in KINDS:

@@ -197,3 +197,58 @@ def test_3d_agent_beats_the_random_builder_on_the_tiny_voxel_problem(tmp_path):
                 best = min(best, evaluator.evaluate(state.atoms(), key=key).energy)
         close += best - ref < 0.2
     assert close <= 2, f"the random builder came within 0.2 eV in {close}/20 runs with {budget} evaluations"
+
+
+def _net_3d(seed: int, zero_bias: bool = False, **cfg) -> QNetwork:
+    torch.manual_seed(seed)
+    net = QNetwork(3, 2, NetworkConfig(**{"width": 4, "depth": 2, "kernel": 3, "kind": "3d", **cfg}))
+    if zero_bias:
+        for m in net.modules():
+            if getattr(m, "bias", None) is not None:
+                torch.nn.init.zeros_(m.bias)
+    return net
+
+
+@pytest.mark.parametrize("cfg", [{}, {"periodic": False}, {"global_branch": False}])
+def test_lrp_on_the_3d_network_keeps_the_promises_of_the_2d_one(cfg):
+    """epsilon with zero biases sums to Q; zplus sums to Q with biases and keeps its sign; a pixel without input gets
+    none; and (periodic) rolling the volume in-plane rolls the map (asla.agents.explain's promises, docs/explain.md)."""
+    from asla.agents.explain import relevance
+    obs = np.random.default_rng(1).random((3, 4, 5, 6)) + 0.05  # (channels, n_z, na, nb)
+    n = 4 * 5 * 6
+    for action in (0, 37, n + 77):
+        r, q = relevance(_net_3d(0, zero_bias=True, **cfg), obs, action, "epsilon", epsilon=1e-9)
+        assert r.shape == obs.shape and abs(q) > 1e-5
+        assert r.sum() == pytest.approx(q, rel=1e-5, abs=0)
+        rz, qz = relevance(_net_3d(1, width=16, **cfg), obs, action, "zplus")
+        assert rz.sum() == pytest.approx(qz, rel=1e-9, abs=1e-12) and np.all(rz * np.sign(qz) >= 0)
+    sparse = np.zeros((3, 4, 5, 6))
+    sparse[0, 1, 2, 3] = sparse[0, 3, 0, 0] = sparse[1, 2, 4, 5] = 1.0
+    sparse[2] = 0.5
+    r, _ = relevance(_net_3d(2, **cfg), sparse, 2 * 30 + 9, "epsilon")
+    assert np.all(r[sparse == 0] == 0) and np.count_nonzero(r[:2]) == 3
+    if cfg.get("periodic", True):
+        net = _net_3d(3, **cfg)
+        z, i, j, shift = 2, 1, 4, (3, 2)
+        r, q = relevance(net, obs, 1 * n + z * 30 + i * 6 + j, "epsilon")
+        moved = 1 * n + z * 30 + ((i + shift[0]) % 5) * 6 + (j + shift[1]) % 6
+        r2, q2 = relevance(net, np.roll(obs, shift, axis=(2, 3)), moved, "epsilon")
+        assert q2 == pytest.approx(q, abs=1e-12)
+        np.testing.assert_allclose(r2, np.roll(r, shift, axis=(2, 3)), rtol=1e-9, atol=1e-12)
+
+
+def test_explain_a_3d_agent_and_refuse_a_wrong_shape_in_one_line():
+    from asla.agents.explain import explain_build, relevance
+    from asla.errors import AslaError
+    p = load_problem(PROBLEM)
+    agent = Agent.for_problem(p, NetworkConfig(width=4, depth=1, kernel=3))
+    steps = list(explain_build(agent, p, steps=2))
+    assert len(steps) == 2
+    e = steps[1].explanation
+    assert e.relevance.shape == observation_shape(p) and e.atoms_map(p.n_species).shape == (p.grid.na, p.grid.nb)
+    shares = e.shares(p.n_species, p.grid.n_layers)
+    assert sum(shares.values()) == pytest.approx(e.q, abs=1e-9)
+    assert e.layer == decode_action(p, e.action)[1]
+    with pytest.raises(AslaError) as err:
+        relevance(agent.net, steps[0].observation[:, 0], 0)  # one z level: a 2D image
+    assert str(err.value).startswith("observation: must be one (channels=") and "\n" not in str(err.value)
