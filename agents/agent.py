@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,23 @@ from .qnetwork import NetworkConfig, QNetwork
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 CARD_VERSION = 2  # 2: architecture, action order, observation channels and grid on the card and in the weights file
 ARCHITECTURE = "asla-qnetwork-v1"  # the forward pass `network_description` spells out
+ARCHITECTURE_3D = "asla-qnetwork3d-v1"  # the same with 3D convolutions over a voxel volume (network.kind 3d)
+
+
+def architecture_name(cfg: NetworkConfig) -> str:
+    return ARCHITECTURE_3D if cfg.kind == "3d" else ARCHITECTURE
+
+
+def network_kind_for(problem: Problem, kind: str = "auto") -> str:
+    """The network kind a problem's observation needs; a recipe's explicit kind must agree (one-line error)."""
+    from asla.errors import ConfigError
+    need = "3d" if problem.volume else "2d"
+    if kind not in ("auto", need):
+        layout = "volume" if problem.volume else "planes"
+        raise ConfigError("network.kind", f"{kind} does not fit problem {problem.name!r}, whose observation.layout "
+                          f"is {layout} (needs {need}); set network.kind to {need} or auto, or the problem's "
+                          f"observation.layout to {'planes' if kind == '2d' else 'volume'}")
+    return need
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -59,9 +76,11 @@ class Agent:
         self.grid_spacing = (float(grid_spacing[0]), float(grid_spacing[1]))
         self.n_layers = int(n_layers)
         self.in_channels = int(in_channels)
-        self.network_config = network or NetworkConfig()
+        network = network or NetworkConfig()
+        self.network_config = replace(network, kind="2d") if network.kind == "auto" else network
         self.device = pick_device(device)
-        self.net = QNetwork(in_channels, len(self.species) * self.n_layers, self.network_config).to(self.device)
+        self.net = QNetwork(in_channels, out_channels(self.species, self.n_layers, self.network_config),
+                            self.network_config).to(self.device)
         self.card: dict = dict(card or {})
         self.forward_seconds = 0.0  # time in network forward passes while acting (for timing reports)
 
@@ -69,6 +88,7 @@ class Agent:
     @classmethod
     def for_problem(cls, problem: Problem, network: NetworkConfig | None = None, device: str | None = None) -> Agent:
         network = network or NetworkConfig(periodic=bool(problem.pbc[0]))
+        network = replace(network, kind=network_kind_for(problem, network.kind))
         agent = cls(problem.species, problem.grid.spacing, problem.grid.n_layers, observation_shape(problem)[0],
                     network, device=device)
         agent.card.update({"problem": problem.name, "smear": problem.smear})
@@ -82,9 +102,14 @@ class Agent:
         if not np.allclose(problem.grid.spacing, self.grid_spacing, atol=1e-3):
             raise CheckpointError(f"grid spacing mismatch: agent {tuple(round(s, 4) for s in self.grid_spacing)} A, "
                                   f"problem {problem.name!r} {tuple(round(s, 4) for s in problem.grid.spacing)} A")
+        need = "3d" if problem.volume else "2d"
+        if need != self.network_config.kind:
+            raise CheckpointError(f"network mismatch: agent is a {self.network_config.kind} network, problem "
+                                  f"{problem.name!r} is observed as {'a volume' if problem.volume else 'planes'} "
+                                  f"(observation.layout), which needs a {need} network")
         if problem.grid.n_layers != self.n_layers:
-            raise CheckpointError(f"layer mismatch: agent has {self.n_layers} build layers, problem {problem.name!r} "
-                                  f"has {problem.grid.n_layers}")
+            raise CheckpointError(f"layer mismatch: agent has {self.n_layers} build layers (z levels), problem "
+                                  f"{problem.name!r} has {problem.grid.n_layers}")
         if abs(problem.smear - float(self.card.get("smear", 0.0))) > 1e-9:
             raise CheckpointError(f"observation mismatch: agent sees atoms smeared by {self.card.get('smear', 0.0)} A, "
                                   f"problem {problem.name!r} by {problem.smear} A (observation.smear)")
@@ -199,9 +224,11 @@ class Agent:
     def layout_fields(self) -> dict:
         """The card fields (card_version 2) that let another tool rebuild the network and feed it: the forward
         pass, the action order, the observation channels in order, and the grid."""
+        volume = self.network_config.kind == "3d"
         return {"card_version": CARD_VERSION, "architecture": network_description(self.network_config),
+                "network_kind": self.network_config.kind,
                 "action_order": action_order(self.species, self.n_layers),
-                "observation_channels": observation_channels(self.species, self.n_layers, self.in_channels),
+                "observation_channels": observation_channels(self.species, self.n_layers, self.in_channels, volume),
                 "grid": {"spacing": list(self.grid_spacing), "n_layers": self.n_layers,
                          "points": "point = i * nb + j; i along the cell vector a, j along b; any na x nb (the "
                                    "network is fully convolutional)",
@@ -210,7 +237,8 @@ class Agent:
     def weights_metadata(self) -> dict[str, str]:
         """The safetensors file's own metadata (strings only, as the format requires): what the weights are."""
         return {"format": "asla-agent", "asla_version": asla.__version__, "card_version": str(CARD_VERSION),
-                "architecture": ARCHITECTURE, "species": json.dumps(self.species), "n_layers": str(self.n_layers),
+                "architecture": architecture_name(self.network_config), "network_kind": self.network_config.kind,
+                "species": json.dumps(self.species), "n_layers": str(self.n_layers),
                 "in_channels": str(self.in_channels), "network": json.dumps(self.network_config.to_dict()),
                 "action_order": "species, layer, point"}
 
@@ -229,7 +257,7 @@ class Agent:
         jfile = base_path(path).with_suffix(".json")
         species, spacing, n_layers, in_channels, net_cfg = check_card(card, jfile)
         with torch.device("meta"):  # the shapes the card implies, without memory or random draws
-            expected = QNetwork(in_channels, len(species) * n_layers, net_cfg).state_dict()
+            expected = QNetwork(in_channels, out_channels(species, n_layers, net_cfg), net_cfg).state_dict()
         check_weights(base_path(path).with_suffix(".safetensors"), tensors,
                       {k: tuple(v.shape) for k, v in expected.items()})
         agent = cls(species, spacing, n_layers, in_channels, net_cfg, card=card, device=device)
@@ -267,52 +295,80 @@ def check_card(card: dict, jfile: Path) -> tuple[list[str], tuple[float, float],
     spacing = tuple(float(check_value(positive, v, "grid_spacing", error)) for v in spacing)
     n_layers = check_value(schema.Option("", "int", minimum=1, maximum=MAX_LAYERS), card["n_layers"], "n_layers",
                            error)
-    base = len(species) * (n_layers + 1)  # placed atoms per layer and the bag, then 0 to 16 template planes
+    network = card["network"]
+    if not isinstance(network, dict):
+        raise error("network", f"must be a mapping, got {str(network)[:60]}")
+    kind = network.get("kind", "2d")  # cards from before ASLA-3D are 2D networks
+    if kind not in ("2d", "3d"):
+        raise error("network.kind", f"unknown {str(kind)[:60]!r}; allowed: 2d, 3d")
+    # placed atoms per layer (3d: per species, over the z levels) and the bag, then 0 to 16 template planes
+    base = len(species) * 2 if kind == "3d" else len(species) * (n_layers + 1)
     in_channels = check_value(schema.Option("", "int", minimum=base, maximum=base + 16), card["in_channels"],
                               "in_channels", error)
     if "smear" in card:
         check_value(schema.Option("", "number", minimum=0.0, maximum=5.0), card["smear"], "smear", error)
-    network = card["network"]
-    if not isinstance(network, dict):
-        raise error("network", f"must be a mapping, got {str(network)[:60]}")
     periodic = network.get("periodic", True)
     if not isinstance(periodic, bool):
         raise error("network.periodic", f"must be true or false, got {str(periodic)[:60]}")
-    checked = from_mapping(Network, {k: v for k, v in network.items() if k != "periodic"}, "network.", error)
-    return species, spacing, n_layers, in_channels, NetworkConfig(**schema.to_mapping(checked), periodic=periodic)
+    checked = from_mapping(Network, {k: v for k, v in network.items() if k not in ("periodic", "kind")}, "network.",
+                           error)
+    fields = {**schema.to_mapping(checked), "kind": kind}
+    return species, spacing, n_layers, in_channels, NetworkConfig(**fields, periodic=periodic)
+
+
+def out_channels(species: list[str], n_layers: int, cfg: NetworkConfig) -> int:
+    """The head's channels: one Q map per (species, layer) in 2D, one Q volume per species in 3D."""
+    return len(species) if cfg.kind == "3d" else len(species) * n_layers
 
 
 def network_description(cfg: NetworkConfig) -> dict:
     """The Q-network's forward pass in words and numbers (`asla.agents.qnetwork.QNetwork`), by weight name."""
     k, d, pad = cfg.kernel, cfg.dilation, "circular" if cfg.periodic else "zeros"
+    if cfg.kind == "3d":
+        conv, space, pad = "conv3d", "(n_z, na, nb)", (f"{pad} along a and b, zeros along z" if cfg.periodic
+                                                       else "zeros")
+        out = "len(species), channel = species (one Q volume over (z level, a, b) each)"
+        shape = "(batch, len(species), n_z, na, nb)"
+        given = "float32 (batch, in_channels, n_z, na, nb) observation volume"
+    else:
+        conv, space = "conv2d", "(na, nb)"
+        out = "len(species) * n_layers, channel = species * n_layers + layer"
+        shape = "(batch, len(species) * n_layers, na, nb)"
+        given = "float32 (batch, in_channels, na, nb) observation image"
     return {
-        "name": ARCHITECTURE,
+        "name": architecture_name(cfg),
         "activation": "silu",  # x * sigmoid(x)
-        "input": "float32 (batch, in_channels, na, nb) observation image",
-        "stem": {"weights": ["stem.weight", "stem.bias"], "op": "conv2d", "kernel": k, "dilation": 1,
+        "input": given,
+        "stem": {"weights": ["stem.weight", "stem.bias"], "op": conv, "kernel": k, "dilation": 1,
                  "padding": k // 2, "padding_mode": pad, "then": "silu"},
         "blocks": {"count": cfg.depth, "weights": ["blocks.{n}.conv.weight", "blocks.{n}.conv.bias"]
                    + (["blocks.{n}.glob.weight", "blocks.{n}.glob.bias"] if cfg.global_branch else []),
-                   "op": "h = conv2d(x, kernel, dilation, padding=dilation * (kernel // 2), padding_mode)"
-                         + (" + linear(mean of x over (na, nb)) broadcast over the pixels" if cfg.global_branch
+                   "op": f"h = {conv}(x, kernel, dilation, padding=dilation * (kernel // 2), padding_mode)"
+                         + (f" + linear(mean of x over {space}) broadcast over the pixels" if cfg.global_branch
                             else "") + "; x = x + silu(h)",
                    "kernel": k, "dilation": d, "padding": d * (k // 2), "padding_mode": pad,
                    "global_branch": cfg.global_branch},
-        "head": {"weights": ["head.weight", "head.bias"], "op": "conv2d", "kernel": 1,
-                 "out_channels": "len(species) * n_layers, channel = species * n_layers + layer"},
-        "output": "head output (batch, len(species) * n_layers, na, nb) flattened to (batch, n_actions): the "
-                  "Q-value of each action in action_order",
+        "head": {"weights": ["head.weight", "head.bias"], "op": conv, "kernel": 1, "out_channels": out},
+        "output": f"head output {shape} flattened to (batch, n_actions): the Q-value of each action in "
+                  "action_order",
     }
 
 
 def action_order(species: list[str], n_layers: int) -> dict:
     return {"layout": ["species", "layer", "point"],
-            "index": "action = (species * n_layers + layer) * (na * nb) + point",
+            "index": "action = (species * n_layers + layer) * (na * nb) + point (3d: layer = z level)",
             "species": list(species), "n_layers": int(n_layers)}
 
 
-def observation_channels(species: list[str], n_layers: int, in_channels: int) -> list[str]:
+def observation_channels(species: list[str], n_layers: int, in_channels: int, volume: bool = False) -> list[str]:
     """Names of the observation's channels in order (`asla.builder.encode_observation`)."""
+    if volume:
+        n_template = in_channels - 2 * len(species)
+        placed = [f"{s} placed (1 at its voxel; over z level, a, b)" for s in species]
+        template = [f"template plane {t} from the top (its 2D image, the same at every z level)"
+                    for t in range(n_template)]
+        bag = [f"{s} still in the bag, as a fraction of the bag (constant volume)" for s in species]
+        return placed + template + bag
     n_template = in_channels - len(species) * (n_layers + 1)
     placed = [f"{s} placed on build layer {layer} (1 at its grid point)" for s in species for layer in range(n_layers)]
     template = [f"template plane {t} from the top (1 at the grid point nearest each atom)" for t in range(n_template)]

@@ -100,6 +100,9 @@ class Network:
     dilation: int = option(1, "dilation of the convolutions", "int", minimum=1, maximum=16)
     global_branch: bool = option(True, "each block adds a linear map of the channel means (whole-cell context)",
                                  "bool")
+    kind: str = option("auto", "2d: convolutions over stacked planes; 3d: over a voxel volume (ASLA-3D, needs the "
+                       "problem's observation.layout: volume); auto: what the problem's layout needs", "choice",
+                       choices=("auto", "2d", "3d"))
 
 
 def _schedule(first: float, last: float, decay: int, what: str, upper: float | None) -> type:
@@ -314,9 +317,12 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
 
 def _check_problem(cfg: dict) -> None:
     """Load the problem with the recipe's overrides (cheap: no random builds), so that a bad problem or
-    problem_overrides value fails here, in one line, before a run directory is made."""
+    problem_overrides value, or a network kind that does not fit the problem's observation, fails here, in one
+    line, before a run directory is made."""
     from asla.problem import load_problem
-    load_problem(cfg["problem"], **cfg["problem_overrides"])
+
+    from .agent import network_kind_for
+    network_kind_for(load_problem(cfg["problem"], **cfg["problem_overrides"]), cfg["network"]["kind"])
 
 
 def _apply_override(cfg: dict, item: str) -> None:

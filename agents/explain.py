@@ -31,6 +31,9 @@ Both rules multiply the input layer's result by the input itself, so a pixel who
 smear 0) gets relevance exactly 0. With circular padding the network is periodic, so rolling the observation and
 the action's grid point by whole pixels rolls the map the same way. The computation runs in float64 on the CPU on
 a copy of the network: the agent and its weights are not touched and no random number is drawn.
+
+A 3D network (ASLA-3D, ``network.kind: 3d``) is explained by the same rules over its volume: the relevance has the
+observation's shape (channels, n_z, na, nb), and `Explanation.atoms_map` sums it over z as well for one picture.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from asla.errors import AslaError
 from asla.problem import Problem
 
 from .agent import Agent
-from .qnetwork import QNetwork
+from .qnetwork import Conv3dSlab, QNetwork
 
 Rule = Literal["epsilon", "zplus"]
 RULES: tuple[str, ...] = ("epsilon", "zplus")
@@ -62,7 +65,8 @@ Affine = Callable[[torch.Tensor, str], torch.Tensor]  # (input, part) -> output;
 class Explanation:
     """The relevance of one action's Q-value over the observation image it was computed from."""
 
-    relevance: np.ndarray  # (channels, na, nb), the observation's channel order (Agent card: observation_channels)
+    relevance: np.ndarray  # (channels, na, nb), the observation's channel order (Agent card: observation_channels);
+    # (channels, n_z, na, nb) for a 3D network
     q: float  # the Q-value explained (float64 forward pass of the same weights)
     action: int
     species: int  # index into the agent's species
@@ -79,13 +83,19 @@ class Explanation:
         """Q minus the summed relevance: the bias and eps share (epsilon) or dropped relevance (zplus)."""
         return self.q - self.total
 
+    @property
+    def volume(self) -> bool:
+        return self.relevance.ndim == 4
+
     def atoms_map(self, n_species: int) -> np.ndarray:
-        """(na, nb) relevance of the atoms: the placed-atom and template channels summed (the bag planes left out)."""
-        return self.relevance[:-n_species].sum(0)
+        """(na, nb) relevance of the atoms: the placed-atom and template channels summed (the bag planes left out);
+        for a volume, summed over the z levels too."""
+        atoms = self.relevance[:-n_species].sum(0)
+        return atoms.sum(0) if self.volume else atoms
 
     def shares(self, n_species: int, n_layers: int) -> dict[str, float]:
         """Summed relevance of the placed atoms, the template planes and the bag planes, and the unassigned rest."""
-        placed = n_species * n_layers
+        placed = n_species if self.volume else n_species * n_layers
         return {"placed": float(self.relevance[:placed].sum()),
                 "template": float(self.relevance[placed:-n_species].sum()),
                 "bag": float(self.relevance[-n_species:].sum()), "unassigned": self.unassigned}
@@ -103,10 +113,11 @@ def relevance(net: QNetwork, obs: np.ndarray, action: int, rule: Rule = "epsilon
     """(relevance of shape obs.shape, Q) for `action` (index into the flattened Q output) on one (C, na, nb) image."""
     check_rule(rule, epsilon)
     x0 = torch.as_tensor(np.asarray(obs, dtype=np.float64))[None]
-    if x0.ndim != 4 or x0.shape[1] != net.in_channels:
-        raise AslaError(f"observation: must be one (channels={net.in_channels}, na, nb) image, got "
-                        f"{tuple(x0.shape[1:])}")
-    n_out = net.out_channels * x0.shape[2] * x0.shape[3]
+    volume = net.cfg.kind == "3d"
+    if x0.ndim != (5 if volume else 4) or x0.shape[1] != net.in_channels:
+        shape = "n_z, na, nb) volume" if volume else "na, nb) image"
+        raise AslaError(f"observation: must be one (channels={net.in_channels}, {shape}, got {tuple(x0.shape[1:])}")
+    n_out = net.out_channels * int(np.prod(x0.shape[2:]))
     if not 0 <= int(action) < n_out:
         raise AslaError(f"action: must be in 0..{n_out - 1} for this image, got {action}")
     net = copy.deepcopy(net).to(device="cpu", dtype=torch.float64).eval()
@@ -133,7 +144,7 @@ def explain(agent: Agent, obs: np.ndarray, action: int, rule: Rule = "epsilon",
             epsilon: float = DEFAULT_EPSILON) -> Explanation:
     """The relevance map of `action` (the agent's flattened action index) for observation `obs` (C, na, nb)."""
     rel, q = relevance(agent.net, obs, action, rule, epsilon)
-    n_points = rel.shape[1] * rel.shape[2]
+    n_points = rel.shape[-2] * rel.shape[-1]
     species, rest = divmod(int(action), agent.n_layers * n_points)
     layer, point = divmod(rest, n_points)
     return Explanation(rel, q, int(action), species, layer, point, rule)
@@ -184,6 +195,11 @@ def _part(w: torch.Tensor, part: str) -> torch.Tensor:
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`conv` with other weights, its own padding (circular or zeros), stride and dilation."""
+    if isinstance(conv, Conv3dSlab):  # circular in a and b by F.pad, zeros along z by the convolution
+        if conv.wrap:
+            w = conv.wrap
+            x = F.pad(x, (w, w, w, w, 0, 0), mode="circular")
+        return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if conv.padding_mode != "zeros":
         ph, pw = conv.padding  # type: ignore[misc] - a tuple of ints for an integer padding
         x = F.pad(x, (pw, pw, ph, ph), mode=conv.padding_mode)
@@ -204,8 +220,9 @@ def _block_pre(block: nn.Module) -> Affine:
     def f(x: torch.Tensor, part: str) -> torch.Tensor:
         h = _conv_affine(conv)(x, part)
         if glob is not None:
-            h = h + F.linear(x.mean(dim=(2, 3)), _part(glob.weight, part),
-                             glob.bias if part == "full" else None)[:, :, None, None]
+            space = tuple(range(2, x.ndim))
+            g = F.linear(x.mean(dim=space), _part(glob.weight, part), glob.bias if part == "full" else None)
+            h = h + g.reshape(*g.shape, *(1,) * len(space))
         return h
     return f
 

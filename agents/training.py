@@ -690,6 +690,11 @@ def _log_images(writer, agent: Agent, problem, state: TrainState, energies: list
     mask = s0.action_mask()
     q = np.where(mask, q, np.nan).reshape(problem.n_species, problem.grid.n_layers, problem.grid.na, problem.grid.nb)
     for s, sym in enumerate(problem.species):
+        if problem.volume:  # a Q volume: its highest legal value over z at each (a, b), not one picture a level
+            with np.errstate(all="ignore"):
+                top = np.where(np.isnan(q[s]).all(0), np.nan, np.nanmax(np.where(np.isnan(q[s]), -np.inf, q[s]), 0))
+            writer.add_image(f"q_values/{sym}_max_over_z_step0", render_heatmap(top), step, dataformats="HWC")
+            continue
         for layer in range(problem.grid.n_layers):
             writer.add_image(f"q_values/{sym}_layer{layer}_step0", render_heatmap(q[s, layer]), step, dataformats="HWC")
 

@@ -1,6 +1,8 @@
 """A structure under construction: placed atoms, legal-action masks and the observation image.
 
-Actions are flat indices over (species, layer, grid point). Masks are kept incrementally: each
+Actions are flat indices over (species, layer, grid point); a voxel grid's z levels are its layers, so the 3D mode
+(``observation.layout: volume``) shares actions, masks, replay and rewards with the 2D one and differs only in how
+the observation is laid out: stacked planes (C, na, nb) or a volume (C, n_z, na, nb). Masks are kept incrementally: each
 placed atom updates, for every (species, layer, point), whether that point is now too close to an
 atom (below c_min x sum of covalent radii, periodic images included) or close enough to bond
 (within c_max x sum), so a step costs one distance evaluation over the grid.
@@ -65,7 +67,7 @@ def _make_context(problem: Problem) -> _Context:
             sel = np.abs(t.positions[:, 2] - z) < 0.3
             image[c].reshape(-1)[k[sel]] = 1.0
         image = _smeared(image, grid, kernel)
-    n_channels = S * L + len(planes) + S
+    n_channels = (S if problem.volume else S * L) + len(planes) + S
     return _Context(dmin, dmax, too_close, near, image, n_channels, kernel)
 
 
@@ -103,8 +105,12 @@ def _smeared(image: np.ndarray, grid, kernel: np.ndarray | None) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def observation_shape(problem: Problem) -> tuple[int, int, int]:
-    return (context(problem).n_channels, problem.grid.na, problem.grid.nb)
+def observation_shape(problem: Problem) -> tuple[int, ...]:
+    """(channels, na, nb) for stacked planes; (channels, n_z, na, nb) for a volume (observation.layout)."""
+    grid = problem.grid
+    if problem.volume:
+        return (context(problem).n_channels, grid.n_layers, grid.na, grid.nb)
+    return (context(problem).n_channels, grid.na, grid.nb)
 
 
 def n_actions(problem: Problem) -> int:
@@ -122,9 +128,12 @@ def encode_action(problem: Problem, species: int, layer: int, point: int) -> int
 
 
 def encode_observation(problem: Problem, species: np.ndarray, layers: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Image (C, na, nb): placed atoms per (species, layer), template planes, remaining-bag planes."""
+    """Image (C, na, nb): placed atoms per (species, layer), template planes, remaining-bag planes; or, for
+    ``observation.layout: volume``, the volume (C, n_z, na, nb) with the same channels per species."""
     ctx, grid = context(problem), problem.grid
     S, L = problem.n_species, grid.n_layers
+    if problem.volume:
+        return _encode_volume(problem, ctx, species, layers, points)
     obs = np.zeros((ctx.n_channels, grid.na, grid.nb), dtype=np.float32)
     flat = obs.reshape(ctx.n_channels, -1)
     flat[np.asarray(species, dtype=int) * L + np.asarray(layers, dtype=int), np.asarray(points, dtype=int)] = 1.0
@@ -135,6 +144,29 @@ def encode_observation(problem: Problem, species: np.ndarray, layers: np.ndarray
     bag = np.array([problem.bag[s] for s in problem.species], dtype=np.float32)
     used = np.bincount(np.asarray(species, dtype=int), minlength=S)[:S]
     obs[S * L + T:] = ((bag - used) / bag)[:, None, None]
+    return obs
+
+
+def _encode_volume(problem: Problem, ctx: _Context, species: np.ndarray, layers: np.ndarray,
+                   points: np.ndarray) -> np.ndarray:
+    """The volume (C, n_z, na, nb): per species its placed atoms on their z levels, then the template planes and
+    the remaining-bag fractions, each the same at every z level.
+
+    The template planes are the 2D network's, repeated along z, not voxelised into the build levels: the slab lies
+    below the build region, so its atoms would fall into no level, and the bottom level sits at a fixed height
+    above the top plane, which the zero padding along z lets the network find."""
+    grid, S, L = problem.grid, problem.n_species, problem.grid.n_layers
+    obs = np.zeros((ctx.n_channels, L, grid.na, grid.nb), dtype=np.float32)
+    flat = obs.reshape(ctx.n_channels, L, -1)
+    flat[np.asarray(species, dtype=int), np.asarray(layers, dtype=int), np.asarray(points, dtype=int)] = 1.0
+    if ctx.kernel is not None:  # smeared in-plane on each level, as the 2D planes are
+        obs[:S] = _smeared(obs[:S].reshape(S * L, grid.na, grid.nb), grid, ctx.kernel).reshape(S, L, grid.na,
+                                                                                               grid.nb)
+    T = len(ctx.template_image)
+    obs[S:S + T] = ctx.template_image[:, None]
+    bag = np.array([problem.bag[s] for s in problem.species], dtype=np.float32)
+    used = np.bincount(np.asarray(species, dtype=int), minlength=S)[:S]
+    obs[S + T:] = ((bag - used) / bag)[:, None, None, None]
     return obs
 
 

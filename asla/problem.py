@@ -31,6 +31,7 @@ from .schema import option
 
 SURFACES = ("fcc100", "fcc110", "fcc111", "bcc100", "bcc110", "bcc111", "hcp0001")
 OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
+LAYOUTS = ("planes", "volume")  # observation.layout: stacked 2D images (pseudo-3D) or a voxel volume (ASLA-3D)
 # Size guards, refused up front with the estimate rather than found by running out of memory. The grid bound is
 # about 70x the largest shipped grid (pd100-oxide-5x5: 30x30 x 3 layers); the template's distance table alone is
 # points x template atoms x 9 images x 8 bytes. ASLA_MAX_GRID_POINTS raises it.
@@ -130,6 +131,9 @@ class RegionSpec:
                             check=_heights(False))
     layers: int | None = option(None, "number of build layers; if given, must equal the number of heights", "int",
                                 nullable=True, minimum=1, maximum=MAX_LAYERS)
+    z_spacing: float | None = option(None, "voxel grid: build levels every z_spacing A from the first height to the "
+                                     "last (give exactly two heights, bottom and top); null: the heights are the "
+                                     "layers", "number", nullable=True, minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,9 @@ class ObservationSpec:
                                     minimum=0, maximum=16)
     smear: float = option(0.0, "0: one-hot pixels; a width in A draws each atom as a Gaussian", "number",
                           minimum=0.0, maximum=5.0)
+    layout: str = option("planes", "planes: one image channel per (species, layer), for the 2D network; volume: "
+                         "one channel per species over (z level, a, b), for the 3D network (docs/asla-3d.md)",
+                         "choice", choices=LAYOUTS)
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,11 @@ class Problem:
     def smear(self) -> float:
         """Width (A) of the Gaussian each atom is drawn with in the observation; 0 = one-hot pixel."""
         return float(self.observation.get("smear", 0.0))
+
+    @property
+    def volume(self) -> bool:
+        """Observed as a voxel volume (channels, z level, a, b) for the 3D network, not as stacked planes."""
+        return self.observation.get("layout", "planes") == "volume"
 
     @functools.cached_property
     def template_layers(self) -> list[float]:
@@ -452,11 +464,26 @@ def _layer_heights(region: RegionSpec, template: Atoms, cell: np.ndarray) -> lis
         layer_z = [top + h for h in region.above_template]
     else:
         layer_z = [float(z) for z in (region.z if region.z is not None else [cell[2, 2] / 2])]
+    if region.z_spacing is not None:
+        layer_z = _voxel_levels(layer_z, float(region.z_spacing), "region.z" if region.z is not None else
+                                "region.above_template")
     if any(not 0 <= z <= cell[2, 2] for z in layer_z):
         raise ProblemError("region", f"layer heights {layer_z} must lie inside the cell (0 to {cell[2, 2]:.2f} A)")
     if region.layers is not None and region.layers != len(layer_z):
         raise ProblemError("region.layers", f"is {region.layers} but {len(layer_z)} height(s) are given")
     return layer_z
+
+
+def _voxel_levels(bounds: list[float], dz: float, where: str) -> list[float]:
+    """The z levels of a voxel grid: bottom, bottom + dz, ... up to the top (within 1e-6 A), at most MAX_LAYERS."""
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise ProblemError(where, f"with region.z_spacing must be two heights [bottom, top], bottom below top, got "
+                           f"{bounds}")
+    n = int(math.floor((bounds[1] - bounds[0]) / dz + 1e-6)) + 1
+    if n > MAX_LAYERS:
+        raise ProblemError("region.z_spacing", f"{dz} A gives {n} levels from {bounds[0]} to {bounds[1]} A; at most "
+                           f"{MAX_LAYERS}: use a coarser spacing")
+    return [bounds[0] + k * dz for k in range(n)]
 
 
 def _grid_shape(spec: GridSpec, cell: np.ndarray, n_layers: int) -> tuple[int, int]:

@@ -43,7 +43,10 @@ class AtomBuildEnv(gym.Env):
     ``asla.envs.sb3.maskable_ppo_policy_kwargs`` does): one channel per (species, layer) with the placed atoms
     (one-hot pixels, or Gaussians if the problem's ``observation.smear`` > 0), then the template's top atomic
     planes, then planes for the atoms still in the bag. The image is periodic along a (b) when ``problem.pbc[0]``
-    (``pbc[1]``) is true: pixel ``na`` is pixel 0.
+    (``pbc[1]``) is true: pixel ``na`` is pixel 0. A problem with ``observation.layout: volume`` (ASLA-3D, a voxel
+    grid of ``n_layers`` z levels) gives ``Box(0, 1, (C, n_layers, na, nb))`` instead: one channel per species with
+    its atoms on their z levels, then the template planes and the bag, each the same at every level; the actions
+    are the same, with layer = z level.
 
     ## Rewards
     0 on every step but the last. At the end, from the finished structure's energy E (eV), by ``reward_mode``:

@@ -26,7 +26,8 @@ class PeriodicPad2d(nn.Module):
     """Pad an (N, C, H, W) image by ``width`` pixels: circular along periodic axes, zeros along the others.
 
     ``nn.Conv2d(padding_mode="circular")`` wraps both axes; a slab periodic along a only (or a molecule, periodic
-    along neither) needs them chosen per axis."""
+    along neither) needs them chosen per axis. An (N, C, Z, H, W) volume (``observation.layout: volume``) is padded
+    the same way in-plane and with zeros along z, which never wraps."""
 
     def __init__(self, periodic: tuple[bool, bool], width: int = 1) -> None:
         super().__init__()
@@ -35,9 +36,13 @@ class PeriodicPad2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.width
-        # F.pad's tuple runs from the last axis: (W left, W right, H left, H right).
-        x = F.pad(x, (0, 0, w, w), mode="circular" if self.periodic[0] else "constant")
-        return F.pad(x, (w, w, 0, 0), mode="circular" if self.periodic[1] else "constant")
+        # F.pad's tuple runs from the last axis: (W left, W right, H left, H right[, Z left, Z right]); a 5D input
+        # takes circular padding only as a tuple over its last three axes.
+        z = (0, 0) if x.ndim == 5 else ()
+        if x.ndim == 5:
+            x = F.pad(x, (0, 0, 0, 0, w, w))
+        x = F.pad(x, (0, 0, w, w, *z), mode="circular" if self.periodic[0] else "constant")
+        return F.pad(x, (w, w, 0, 0, *z), mode="circular" if self.periodic[1] else "constant")
 
     def extra_repr(self) -> str:
         return f"periodic={self.periodic}, width={self.width}"
@@ -46,7 +51,8 @@ class PeriodicPad2d(nn.Module):
 class PeriodicCnn(BaseFeaturesExtractor):
     """3x3 convolutions with periodic padding, then global mean and max pooling and a linear layer.
 
-    :param observation_space: the env's ``Box(0, 1, (C, na, nb))``.
+    :param observation_space: the env's ``Box(0, 1, (C, na, nb))``, or ``(C, n_z, na, nb)`` for a volume (3x3x3
+        convolutions then).
     :param features_dim: size of the output, what the policy and value heads see.
     :param periodic: whether the image wraps along its first and second spatial axis (the problem's pbc[:2]).
     :param channels: output channels of each convolution (its length is the number of layers).
@@ -55,12 +61,15 @@ class PeriodicCnn(BaseFeaturesExtractor):
     def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 128,
                  periodic: tuple[bool, bool] = (True, True), channels: tuple[int, ...] = (32, 64, 64)) -> None:
         super().__init__(observation_space, features_dim)
-        if len(observation_space.shape) != 3:
-            raise ValueError(f"observation_space: expected a (C, H, W) image, got shape {observation_space.shape}")
+        if len(observation_space.shape) not in (3, 4):
+            raise ValueError(f"observation_space: expected a (C, H, W) image or a (C, Z, H, W) volume, got shape "
+                             f"{observation_space.shape}")
+        conv = nn.Conv3d if len(observation_space.shape) == 4 else nn.Conv2d
+        self.space_dims = tuple(range(2, len(observation_space.shape) + 1))
         layers: list[nn.Module] = []
         c_in = observation_space.shape[0]
         for c_out in channels:
-            layers += [PeriodicPad2d(periodic), nn.Conv2d(c_in, c_out, kernel_size=3), nn.ReLU()]
+            layers += [PeriodicPad2d(periodic), conv(c_in, c_out, kernel_size=3), nn.ReLU()]
             c_in = c_out
         self.cnn = nn.Sequential(*layers)
         # Mean and max pooling: invariant to shifts and to the grid size; max keeps "is there a site like this".
@@ -69,7 +78,7 @@ class PeriodicCnn(BaseFeaturesExtractor):
     def pooled(self, observations: torch.Tensor) -> torch.Tensor:
         """The globally pooled convolution features (before the linear layer), shape (N, 2 * channels[-1])."""
         h = self.cnn(observations)
-        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return torch.cat([h.mean(dim=self.space_dims), h.amax(dim=self.space_dims)], dim=1)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.linear(self.pooled(observations))
