@@ -224,15 +224,19 @@ class Checkpoint:
             path.unlink(missing_ok=True)
 
 
-def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps: int,
-              keep: Path | None = None) -> dict:
+def keep_dir(out: Path, keep: str | Path | None = None) -> Path:
+    """Where the committed checkpoints live: --keep, else OUT/progress."""
+    return Path(keep) if keep else out / "progress"
+
+
+def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps: int, keep: Path) -> dict:
     """Relax one candidate with the problem's calculator, resuming from its trajectory in `work` or else from its
     checkpoint in `keep` (OUT/progress); returns its record (the caller writes it)."""
     name = cand["name"]
     work.mkdir(parents=True, exist_ok=True)
     traj = work / f"{name}.traj"
     bfgs = work / f"{name}.bfgs.json"  # BFGS's own restart file, read by BFGS when it exists
-    checkpoint = Checkpoint(keep if keep is not None else work / "keep", name)
+    checkpoint = Checkpoint(keep, name)
     progress_path = work / f"{name}.progress.json"
     atoms = start.copy()
     resumed, n_frames = last_frame(traj)
@@ -308,7 +312,7 @@ def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps:
 def relax(args) -> int:
     problem = load_problem(args.problem)
     out, work = Path(args.out), Path(args.work)
-    keep = Path(args.keep) if args.keep else out / "progress"
+    keep = keep_dir(out, args.keep)
     work.mkdir(parents=True, exist_ok=True)
     plan = json.loads((out / "candidates.json").read_text())
     starts = read(out / "candidates.extxyz", ":")
@@ -355,11 +359,11 @@ def reference_method(plan: dict, out: Path, best: dict) -> str:
     return text
 
 
-def write_report(problem, out: Path, work: Path | None = None, keep: Path | None = None) -> dict | None:
+def write_report(problem, out: Path, work: Path | None = None, keep: str | Path | None = None) -> dict | None:
     """docs/dft-reference.md (or OUT/report.md) from the candidates and the finished records; returns the lowest.
     A candidate still relaxing shows its trajectory's last frame in `work`, or else its checkpoint's in `keep`
     (default OUT/progress): what a partial run has reached."""
-    keep = keep if keep is not None else out / "progress"
+    keep = keep_dir(out, keep)
     plan = json.loads((out / "candidates.json").read_text())
     done = {r["name"]: r for r in finished(out, plan)}
     ok = [r for r in done.values() if r.get("energy") is not None and r["converged"]]
@@ -446,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase != "candidates" and not (Path(args.out) / "candidates.json").exists():
         ap.error(f"--out {args.out}: no candidates.json there; run the candidates phase first")
     if args.phase == "report":
-        write_report(load_problem(args.problem), Path(args.out), Path(args.work),
-                     Path(args.keep) if args.keep else None)
+        write_report(load_problem(args.problem), Path(args.out), Path(args.work), args.keep)
         return 0
     return candidates(args) if args.phase == "candidates" else relax(args)
 
