@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import time
@@ -36,15 +35,13 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
 from ase.io import read, write
-from ase.optimize import BFGS
 from reference_minima import Search, overlayer_motif_phase, problem_file, update_yaml  # a sibling script
 
 from asla import load_problem
 from asla.bench.judge import same_structure
 from asla.calculators import make_calculator
+from asla.relaxation import Checkpoint, last_frame, relax_resumable
 from asla.storage import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,60 +167,6 @@ def candidates(args) -> int:
     return 0
 
 
-def last_frame(traj: Path) -> tuple[Atoms | None, int]:
-    """The last readable frame of an ASE trajectory and the number of readable frames (a frame cut off by a kill
-    is skipped)."""
-    if not traj.exists() or traj.stat().st_size == 0:
-        return None, 0
-    from ase.io.trajectory import Trajectory
-    frames = 0
-    atoms = None
-    try:
-        with Trajectory(str(traj)) as t:
-            for a in t:
-                atoms, frames = a, frames + 1
-    except Exception:  # noqa: BLE001 - a truncated last frame (ULM raises several kinds); keep what read
-        pass
-    return atoms, frames
-
-
-def scf_errors() -> tuple[type[Exception], ...]:
-    """The exceptions of an SCF that did not converge (GPAW's), retried with the problem's retry_settings."""
-    try:
-        from gpaw import ConvergenceError
-    except ImportError:
-        return ()
-    return (ConvergenceError,)
-
-
-class Checkpoint:
-    """One candidate's resume state in KEEP, written atomically after every step: `<name>.extxyz` (the last
-    evaluated frame, energy and forces), `<name>.bfgs.json` (ASE's BFGS restart file: Hessian, previous positions
-    and forces, maximum step), `<name>.progress.json` (evaluations, steps, seconds, resumes, retries)."""
-
-    def __init__(self, keep: Path, name: str) -> None:
-        self.frame, self.bfgs, self.progress = (keep / f"{name}{ext}" for ext in (".extxyz", ".bfgs.json",
-                                                                                  ".progress.json"))
-
-    def exists(self) -> bool:
-        return self.frame.exists() and self.progress.exists()
-
-    def save(self, atoms: Atoms, progress: dict, bfgs: Path) -> None:
-        frame = atoms.copy()
-        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        text = io.StringIO()
-        write(text, frame, format="extxyz")
-        self.frame.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.frame, text.getvalue())
-        if bfgs.exists():
-            atomic_write_text(self.bfgs, bfgs.read_text())
-        write_json(self.progress, progress)
-
-    def remove(self) -> None:
-        for path in (self.frame, self.bfgs, self.progress):
-            path.unlink(missing_ok=True)
-
-
 def keep_dir(out: Path, keep: str | Path | None = None) -> Path:
     """Where the committed checkpoints live: --keep, else OUT/progress."""
     return Path(keep) if keep else out / "progress"
@@ -231,70 +174,14 @@ def keep_dir(out: Path, keep: str | Path | None = None) -> Path:
 
 def relax_one(problem, cand: dict, start: Atoms, work: Path, fmax: float, steps: int, keep: Path) -> dict:
     """Relax one candidate with the problem's calculator, resuming from its trajectory in `work` or else from its
-    checkpoint in `keep` (OUT/progress); returns its record (the caller writes it)."""
+    checkpoint in `keep` (OUT/progress; asla.relaxation); returns its record (the caller writes it)."""
     name = cand["name"]
-    work.mkdir(parents=True, exist_ok=True)
-    traj = work / f"{name}.traj"
-    bfgs = work / f"{name}.bfgs.json"  # BFGS's own restart file, read by BFGS when it exists
-    checkpoint = Checkpoint(keep, name)
-    progress_path = work / f"{name}.progress.json"
-    atoms = start.copy()
-    resumed, n_frames = last_frame(traj)
-    if resumed is None and checkpoint.exists():  # WORK is gone (another machine): the committed checkpoint
-        progress = json.loads(checkpoint.progress.read_text())
-        resumed = read(checkpoint.frame)
-        if checkpoint.bfgs.exists():
-            atomic_write_text(bfgs, checkpoint.bfgs.read_text())
-        progress["resumes"] += 1
-        print(f"{name}: resuming from the checkpoint {checkpoint.frame} (step {progress['steps']})", flush=True)
-    else:
-        progress = json.loads(progress_path.read_text()) if progress_path.exists() else \
-            {"evaluations": 0, "steps": 0, "seconds": 0.0, "resumes": 0, "retries": 0}
-        if resumed is not None:
-            progress["resumes"] += 1
-            progress["steps"] = n_frames - 1  # one frame per step after the first (ASE writes no frame twice)
-            print(f"{name}: resuming from frame {n_frames} of {traj}", flush=True)
-    if resumed is not None:
-        atoms.positions = resumed.positions
-    atoms.set_constraint(FixAtoms(indices=range(len(problem.template))))
-    settings = dict(problem.calculator)
-    t_start = time.time() - progress["seconds"]
-
-    def count() -> None:
-        progress["steps"] = steps_before + opt.nsteps
-        progress["evaluations"] += 1
-        progress["seconds"] = time.time() - t_start
-        write_json(progress_path, progress)
-        checkpoint.save(atoms, progress, bfgs)
-
-    converged, error = False, None
-    for attempt in range(problem.faults.retries + 1):
-        if attempt:
-            settings = {**settings, **problem.faults.retry_settings}
-            progress["retries"] += 1
-            print(f"{name}: {error}; retry {attempt} with {problem.faults.retry_settings}", flush=True)
-        calc = make_calculator({**settings, "txt": str(work / f"{name}.gpaw.txt")} if settings["name"] == "gpaw"
-                               else settings)
-        atoms.calc = calc
-        steps_before = progress["steps"]
-        opt = BFGS(atoms, trajectory=str(traj), append_trajectory=True, logfile=str(work / f"{name}.log"),
-                   restart=str(bfgs))
-        opt.attach(count, interval=1)
-        try:
-            if last_frame(traj)[1]:  # ASE neither writes nor observes the first frame of an appended trajectory
-                atoms.get_forces()  # the resumed frame's evaluation, counted here; BFGS reuses it
-                count()
-            converged = bool(opt.run(fmax=fmax, steps=max(steps - steps_before, 0)))
-            progress["steps"] = steps_before + opt.nsteps
-            error = None
-            break
-        except scf_errors() as exc:  # an SCF that does not converge; anything else is a bug and stops the run
-            progress["steps"] = steps_before + opt.nsteps
-            error = f"{type(exc).__name__}: {exc}"
-            write_json(progress_path, progress)
+    done = relax_resumable(problem, start, name, work, keep, fmax=fmax, steps=steps,
+                           log=lambda line: print(line, flush=True))
+    atoms, error = done.atoms, done.error
     record = {"name": name, "sources": cand["sources"], "emt_energies": cand["emt_energies"],
-              "chgnet_energy": cand["chgnet_energy"], "converged": converged, "error": error,
-              "fmax_target": fmax, "step_cap": steps, **progress, "seconds": time.time() - t_start}
+              "chgnet_energy": cand["chgnet_energy"], "converged": done.converged, "error": error,
+              "fmax_target": fmax, "step_cap": steps, **done.progress}
     if error is None:
         forces = atoms.get_forces()
         record["energy"] = float(atoms.get_potential_energy())

@@ -56,6 +56,33 @@ def test_energy_and_forces_at_one_geometry_count_once_and_moves_count_again():
     assert calc.count == 2 and calc.ledger.count == 2
 
 
+class _NewGpawLike:
+    """What GPAW 26's ASE interface does: `calculation_required` raises AttributeError before the first
+    calculation (its DFT object does not exist yet); afterwards it answers as ASE's calculators do."""
+
+    def __new__(cls):
+        from ase.calculators.emt import EMT
+
+        class Calc(EMT):
+            def calculation_required(self, atoms, properties):
+                if self.atoms is None:
+                    raise AttributeError
+                return super().calculation_required(atoms, properties)
+        return Calc()
+
+
+def test_a_calculator_that_cannot_say_before_its_first_calculation_is_counted_once():
+    atoms = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    calc = CountingCalculator(_NewGpawLike())
+    atoms.calc = calc
+    atoms.get_potential_energy()  # raised AttributeError from the counting wrapper before the fix
+    atoms.get_forces()
+    assert calc.count == 1
+    atoms.positions[-1, 0] += 0.1
+    atoms.get_potential_energy()
+    assert calc.count == 2
+
+
 def test_budget_stops_after_the_evaluation_that_spends_it_and_records_it():
     atoms = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
     ledger = Ledger(limit=3)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from asla.bench import methods as bm
-from asla.bench.judge import TOL, FoundCheck, StrictCheck
+from asla.bench.judge import TOL, FoundCheck, StrictCheck, resumable_relaxations, store_for
 from asla.bench.problems import (
     DEFAULT_GOFEE_BUDGET,
     DEFAULT_SURROGATE_BUDGET,
@@ -63,6 +63,7 @@ from asla.bench.records import (
 )
 from asla.bench.report import machine, make_report
 from asla.errors import AslaError
+from asla.problem import Problem
 from asla.storage import write_json
 
 QUICK = {"problems": ["pd100-oxide-2x2"], "seeds": 1, "budget": 60, "gofee_budget": 6, "surrogate_budget": 40}
@@ -80,6 +81,11 @@ def window_for(args: argparse.Namespace, problem: BenchProblem) -> float:
     return args.window if args.window is not None else problem.window()
 
 
+def judge_store(args: argparse.Namespace, problem: BenchProblem, loaded: Problem) -> Path | None:
+    """Where a DFT problem's judge relaxations are kept (beside its records, RESULTS/<problem>/judge), else None."""
+    return store_for(loaded, Path(args.results) / problem.slug / "judge")
+
+
 def run_one(args: argparse.Namespace, problem: BenchProblem, method: str, seed: int, budget: int) -> dict:
     """Run one (problem, method, seed) and judge it: the record."""
     loaded = problem.load()
@@ -92,6 +98,7 @@ def run_one(args: argparse.Namespace, problem: BenchProblem, method: str, seed: 
     # A training run works beside its record and checkpoints there, so a killed benchmark resumes it; the
     # other methods run in minutes and work in a temporary directory.
     with contextlib.ExitStack() as stack:
+        stack.enter_context(resumable_relaxations(judge_store(args, problem, loaded)))
         if bm.METHODS[method].training:
             work = Path(f"{dest}.work")
         else:
@@ -138,7 +145,8 @@ def record_stands(args: argparse.Namespace, p: BenchProblem, m: str, s: int, lab
         return same_window  # a restored record keeps no structures: it stands as judged (the report flags another ref)
     if same_window and same_reference and "first_hit_is_reference" in old:
         return True
-    rec = rejudge(p, old, path, window, args.command)
+    with resumable_relaxations(judge_store(args, p, p.load())):
+        rec = rejudge(p, old, path, window, args.command)
     write_json(path, rec)
     print(f"{label} {p.slug} {m} seed {s}: judged again with window {window} (was {old.get('window')}): found "
           f"{_hit(rec['found_at_evaluations'])} (was {_hit(old['found_at_evaluations'])}), strict "
@@ -213,7 +221,8 @@ def parser(prog: str = "benchmark.py") -> argparse.ArgumentParser:
                     f"else {DEFAULT_GOFEE_BUDGET})")
     ap.add_argument("--window", type=float,
                     help="relax only best-energy improvements within this many eV of the reference ('inf': all; "
-                         f"default per problem: {DEFAULT_WINDOW}, all on {', '.join(WINDOW)}); a finished record "
+                         f"default {DEFAULT_WINDOW}, per problem: {', '.join(f'{k} {v}' for k, v in WINDOW.items())}); "
+                         "a finished record "
                          "judged with another window is judged again from its trace structures, not run again")
     ap.add_argument("--out", default="docs", help="where benchmarks.md, benchmarks.json and the plots go")
     ap.add_argument("--results", default="runs/benchmarks", help="one JSON per finished run (resume from these)")
@@ -359,8 +368,9 @@ def _import_runs(ap: argparse.ArgumentParser, args: argparse.Namespace, problems
         for s in seeds:
             run_dir = Path(pattern.format(seed=s))
             if (run_dir / "summary.json").exists():
-                rec = import_training_run(problem, method, s, run_dir, results, window_for(args, problem),
-                                          args.command, machine()["cpu"])
+                with resumable_relaxations(judge_store(args, problem, problem.load())):
+                    rec = import_training_run(problem, method, s, run_dir, results, window_for(args, problem),
+                                              args.command, machine()["cpu"])
                 write_json(record_path(results, problem.slug, method, s), rec)
                 print(f"imported {run_dir} as {method} seed {s}: found {_hit(rec['found_at_evaluations'])}",
                       flush=True)
