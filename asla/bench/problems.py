@@ -32,11 +32,12 @@ BUDGET = {"pd100-oxide-2x2": 10000, "pd100-oxide-3x3": 20000, "pd100-oxide-5x5":
 DEFAULT_BUDGET = 10000
 # GOFEE's surrogate costs minutes per iteration here (3-4 min on the 5x5 cell): budgets far below the others'.
 GOFEE_BUDGET = {"pd100-oxide-2x2": 100, "pd100-oxide-3x3": 100, "pd100-oxide-5x5": 20, "graphene-c24": 100,
-                "graphene-c24-xtb": 100}
+                "graphene-c24-xtb": 100, "pd100-oxide-2x2-dft": 150}
 DEFAULT_GOFEE_BUDGET = 200
 # ASLA with a surrogate (asla-surrogate, asla-transfer-surrogate) spends one real evaluation per episode: budgets
 # where a DFT search lives, read at 300 as the surrogate issue asks (the 3x3 rows were run to 200, its target).
-SURROGATE_BUDGET = {"pd100-oxide-2x2": 300, "pd100-oxide-3x3": 200}
+# The DFT problem: the issue's 150 DFT evaluations (a minute each here, an hour on a production system).
+SURROGATE_BUDGET = {"pd100-oxide-2x2": 300, "pd100-oxide-3x3": 200, "pd100-oxide-2x2-dft": 150}
 DEFAULT_SURROGATE_BUDGET = 300
 SURROGATE_METHODS = ("asla-surrogate", "asla-transfer-surrogate")
 # Which best-energy improvements are relaxed for the basin check: those within WINDOW eV of the reference. The window
@@ -46,11 +47,17 @@ SURROGATE_METHODS = ("asla-surrogate", "asla-transfer-surrogate")
 DEFAULT_WINDOW = 5.0
 # The suite's molecule likewise: its bonds on a 0.25 A grid are off by up to 0.12 A, and an xTB relaxation of ten
 # atoms costs a second or two.
-WINDOW = {"graphene-c24": math.inf, "graphene-c24-xtb": math.inf, "suite-c4h4n2-xtb": math.inf}
+# The DFT oxide: each relaxation to judge costs 12-56 GPAW steps (15-60 min here), so the window is as narrow as the
+# measured descents allow: GPAW single points of the CHGNet-relaxed reference candidates lay 0.40, 1.07 and 1.49 eV
+# above their own DFT-relaxed energies (docs/dft.md); the surrogate recipe's evaluated structures are CHGNet-relaxed.
+WINDOW = {"graphene-c24": math.inf, "graphene-c24-xtb": math.inf, "suite-c4h4n2-xtb": math.inf,
+          "pd100-oxide-2x2-dft": 2.0}
 # Transfer and zero-shot agents come from another problem (an agent on its own training problem proves nothing):
 # the 5x5 cell from the 3x3 agent, the 3x3 cell from the 5x5 agent, the 2x2 cell from the 3x3 agent. The graphene
 # agents cannot cross calculators: the xTB and Tersoff cells differ in lattice constant, so their pixels differ.
-TRANSFER_SOURCE = {"pd100-oxide-5x5": "pd100-oxide-3x3"}
+# The DFT 2x2 oxide fine-tunes the EMT-trained 3x3 agent: transfer across calculators (does EMT knowledge shorten
+# a DFT search?); the cells differ too, as for every other transfer row.
+TRANSFER_SOURCE = {"pd100-oxide-5x5": "pd100-oxide-3x3", "pd100-oxide-2x2-dft": "pd100-oxide-3x3"}
 ZERO_SHOT_AGENT = {"pd100-oxide-5x5": "pd100-oxide-3x3", "pd100-oxide-3x3": "pd100-oxide-5x5",
                    "pd100-oxide-2x2": "pd100-oxide-3x3"}
 
