@@ -122,6 +122,7 @@ class SurrogateEvaluation:
                      "relaxed": float(s["relaxed"]), "fallbacks": float(s["fallbacks"])}
         if errors:
             self.last["model_error"] = float(np.mean(np.abs(errors)))
+            self.last["model_error_offset"] = float(np.mean(np.abs(np.array(errors) - self._offset())))
         return evaluations, records
 
     # -- one build ---------------------------------------------------------------------------------------
@@ -164,6 +165,13 @@ class SurrogateEvaluation:
                                              bool(rec.relaxed)])
         return out
 
+    def _offset(self) -> float:
+        """Median of predicted minus real energy over all predictions so far: the constant between two energy scales.
+
+        A fixed model (`model: calculator`, e.g. CHGNet before GPAW) has its own energy zero, 44 eV off GPAW's on the
+        DFT oxide; what matters for relaxing and ranking builds is the error beyond that constant."""
+        return float(np.median([p - r for _, p, r, _ in self.stats["errors"]])) if self.stats["errors"] else 0.0
+
     # -- reports and persistence -------------------------------------------------------------------------
     def summary(self) -> dict:
         """The block of summary.json: readiness, what was relaxed, fallbacks, time, model error."""
@@ -181,7 +189,10 @@ class SurrogateEvaluation:
                 "fit_failures": s["fit_failures"],
                 "relax_seconds": s["relax_seconds"], "fit_seconds": s["fit_seconds"],
                 "model_error_mae": mae(err), "model_error_mae_last50": mae(err[-50:]),
-                "model_error_mae_relaxed": mae(relaxed_err), "predictions": len(err)}
+                "model_error_mae_relaxed": mae(relaxed_err),
+                "model_error_offset": float(np.median(err)) if len(err) else None,
+                "model_error_mae_offset_corrected": mae(err - np.median(err)) if len(err) else None,
+                "predictions": len(err)}
 
     def log(self, writer, step: int) -> None:
         """This iteration's figures as TensorBoard scalars surrogate/<name>."""

@@ -245,3 +245,27 @@ def test_surrogate_reaches_the_relaxed_minimum_in_fewer_real_evaluations(tmp_pat
     surrogate = _evaluations_to_minimum(["surrogate.enabled=true", "surrogate.min_points=8"], tmp_path / "surrogate")
     assert surrogate is not None, "the surrogate run did not reach the relaxed minimum"
     assert real is None or surrogate < real, (surrogate, real)
+
+
+class ShiftedEMT:
+    """EMT on another energy zero (+40 eV), as a universal potential's energies sit beside a DFT code's."""
+
+    def __new__(cls, **kwargs):
+        from ase.calculators.emt import EMT
+
+        class Shifted(EMT):
+            def calculate(self, *args, **kw):
+                super().calculate(*args, **kw)
+                self.results["energy"] += 40.0
+                self.results["free_energy"] = self.results.get("free_energy", 0.0) + 40.0
+        return Shifted(**kwargs)
+
+
+def test_a_fixed_model_on_another_energy_scale_reports_its_error_beyond_the_offset(tmp_path):
+    cfg = tiny_cfg(["surrogate.enabled=true", "surrogate.model=calculator", "surrogate.steps=20",
+                    "surrogate.calculator={name: 'tests.test_surrogate_training:ShiftedEMT'}"], episodes=16, seed=1)
+    block = train(cfg, run_dir=tmp_path / "run", progress=False)["surrogate"]
+    assert block["predictions"] > 0
+    assert block["model_error_mae"] == pytest.approx(40.0, abs=1e-6)  # the same physics, 40 eV apart
+    assert block["model_error_offset"] == pytest.approx(40.0, abs=1e-6)
+    assert block["model_error_mae_offset_corrected"] == pytest.approx(0.0, abs=1e-6)
