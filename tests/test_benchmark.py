@@ -534,3 +534,24 @@ def test_a_record_without_structures_takes_the_strict_verdict_only_from_a_run_wi
                   {**again, "strict_judged": False}, None):
         assert adopt_first_hit_verdict(record, other) is None  # not the same hit: nothing taken
     assert adopt_first_hit_verdict(adopted, again) is None  # a verdict already there is kept
+
+
+def test_a_run_resumed_with_a_stop_rule_asks_it_of_the_improvements_made_before(tmp_path):
+    """A DFT run started without --stop-when-found and resumed with it: the restored improvements are judged too,
+    in order, and a hit among them ends the run without training further."""
+    problem = bench_problem("tiny-pd2o")
+    first = bm.run_method("asla", problem, seed=0, budget=40, work_dir=tmp_path, checkpoint_every=8)
+    before = [(row["evaluations"], row["energy"]) for row in first.ledger.trace]
+    assert len(before) >= 2
+    asked = []
+
+    def second_improvement_is_a_hit(atoms, energy):
+        asked.append(energy)
+        return len(asked) == 2
+
+    again = bm.run_method("asla", problem, seed=0, budget=40, work_dir=tmp_path, checkpoint_every=8,
+                          stop_when=second_improvement_is_a_hit)
+    assert asked == [energy for _, energy in before[:2]]
+    assert again.ledger.stopped and again.ledger.limit == before[1][0]
+    assert again.ledger.count == first.ledger.count  # nothing evaluated after the resume
+    assert any(note.startswith("found before its checkpoint") for note in again.notes)
