@@ -137,6 +137,52 @@ def test_a_killed_asla_benchmark_run_resumes_from_its_checkpoint_with_the_same_t
     assert not (tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.work").exists()  # checkpoints gone with the record
 
 
+class Killed(BaseException):
+    """A kill in the middle of a run (a BaseException, as a signal: AGOX and the benchmark catch Exception)."""
+
+
+def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_evaluation_once(tmp_path, monkeypatch):
+    """Killed in the middle of an iteration (one evaluation after the last saved state), run again: the run goes on
+    from its work dir's saved state, so it spends only the rest of its budget, keeps the improvements found before
+    the kill, and its record says it was resumed."""
+    pytest.importorskip("agox")
+    from asla.bench import command
+    from asla.counting import Ledger
+
+    results = tmp_path / "runs"
+    argv = ["--quick", "--methods", "gofee", "--gofee-budget", "12", "--out", str(tmp_path / "out"),
+            "--results", str(results)]
+    work, record = results / "pd100-oxide-2x2" / "gofee-s0.work", results / "pd100-oxide-2x2" / "gofee-s0.json"
+    charge, session = Ledger.charge, {"resumed": False, "charged": 0}
+
+    def charge_or_die(self):
+        if not session["resumed"] and self.count == 7:  # the first session's 8th evaluation: killed before it
+            raise Killed
+        charge(self)
+        session["charged"] += session["resumed"]
+
+    monkeypatch.setattr(Ledger, "charge", charge_or_die)
+    with pytest.raises(Killed):
+        command.main(argv)
+    assert not record.exists()
+    saved = json.loads((work / "agox-state.json").read_text())
+    assert saved["ledger"]["count"] == 6 and saved["iteration"] == 3  # GOFEE stores 2 evaluations an iteration
+    before = [(row["evaluations"], round(row["energy"], 6)) for row in saved["ledger"]["trace"]]
+    assert before
+
+    session["resumed"] = True  # from here on every evaluation charged is counted
+    assert command.main(argv) == 0
+    rec = json.loads(record.read_text())
+    assert session["charged"] == 12 - 6  # only what was left of the budget: the 7th evaluation redone, none twice
+    assert rec["evaluations_spent"] == 12 and rec["trace"][-1][0] <= 12
+    assert [(e, round(en, 6)) for e, _, en in rec["trace"][:len(before)]] == before
+    assert [t for _, t, _ in rec["trace"]] == sorted(t for _, t, _ in rec["trace"])  # the clock went on
+    assert rec["wall_seconds"] >= saved["ledger"]["seconds"]
+    assert any(note.startswith("resumed from its work dir at 6 evaluations") for note in rec["notes"])
+    assert rec["settings"]["iterations"] > saved["iteration"]  # AGOX's iterations went on from the saved one
+    assert not work.exists()  # the work dir goes once the record is written
+
+
 def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budget(tmp_path):
     problem = load_problem("pd100-oxide-2x2")
     judged = {}
