@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,16 @@ def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_ev
     assert saved["ledger"]["count"] == 6 and saved["iteration"] == 3  # GOFEE stores 2 evaluations an iteration
     before = [(row["evaluations"], round(row["energy"], 6)) for row in saved["ledger"]["trace"]]
     assert before
+    # rows written after a saved state (a kill between AGOX's commit and the state's write) are dropped on a resume
+    from agox.databases import Database
+
+    from asla.bench.agox import _restore_database
+    (db_file,) = work.glob("db-*.db")
+    copy = Database(str(shutil.copyfile(db_file, tmp_path / "copy.db")))
+    assert len(copy.get_all_structures_data()) == saved["rows"] == 6
+    _restore_database(copy, {"rows": 4, "iteration": 2})
+    assert len(copy) == len(copy.get_all_structures_data()) == 4
+    assert max(copy.read_all_key_value_pairs()) == 4
 
     session["resumed"] = True  # from here on every evaluation charged is counted
     assert command.main(argv) == 0
@@ -181,6 +192,25 @@ def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_ev
     assert any(note.startswith("resumed from its work dir at 6 evaluations") for note in rec["notes"])
     assert rec["settings"]["iterations"] > saved["iteration"]  # AGOX's iterations went on from the saved one
     assert not work.exists()  # the work dir goes once the record is written
+
+
+def test_an_agox_run_killed_after_its_budget_was_spent_is_not_searched_again(tmp_path, monkeypatch):
+    """Killed while judging (after the search spent its budget, before the record): run again, it searches nothing
+    and has the same count and trace."""
+    pytest.importorskip("agox")
+    from asla.counting import Ledger
+
+    problem = bench_problem("pd100-oxide-2x2")
+    first = bm.run_method("bh", problem, seed=0, budget=30, work_dir=tmp_path)
+    assert json.loads((tmp_path / "agox-state.json").read_text())["finished"]
+    charge, charged = Ledger.charge, []
+    monkeypatch.setattr(Ledger, "charge", lambda self: (charged.append(1), charge(self)))
+    again = bm.run_method("bh", problem, seed=0, budget=30, work_dir=tmp_path)
+    assert not charged and again.ledger.count == first.ledger.count == 30
+    assert [(r["evaluations"], r["energy"]) for r in again.ledger.trace] == \
+        [(r["evaluations"], r["energy"]) for r in first.ledger.trace]
+    assert again.notes[0].startswith("resumed from its work dir at 30 evaluations")
+    assert again.settings["iterations"] == first.settings["iterations"]
 
 
 def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budget(tmp_path):

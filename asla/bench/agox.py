@@ -3,6 +3,8 @@ and the patches AGOX 3.11 needs on ASE 3.29 and numpy 2.4.
 
 rss, bh and gofee are built from AGOX's own algorithm configurations for a template + confinement box and run
 with the problem's calculator wrapped in asla.counting.CountingCalculator, so they are counted as every method is.
+A run keeps AGOX's database and the ledger's state in its work dir and continues from them after a kill
+(`run_agox`): a DFT GOFEE run (hours) outlasts one working session.
 """
 from __future__ import annotations
 
@@ -222,9 +224,15 @@ def run_agox(ctx: RunContext) -> None:
     dropped (their evaluations were not counted in it), the database is loaded back into memory (AGOX's
     restore_to_memory), its observers (model training, sampler) are run on it once as after a database update, the
     ledger goes on from the saved count, trace and clock, AGOX's iteration counter from the next iteration, and
-    numpy's random stream is reseeded from (seed, iteration). Evaluations made after the last saved state are
-    redone, uncounted twice. A resumed run is not bit-identical to an uncut one (the model is refit, the random
-    stream differs, the evaluations in flight at the kill are redone); the record's notes say it was resumed.
+    numpy's random stream is reseeded from (seed, iteration). The evaluations of the iteration in flight at the kill
+    are not in the saved count and are redone: each evaluation the record counts is counted once, and at most one
+    iteration's work is lost (GOFEE: 2 evaluations). A resumed run is not bit-identical to an uncut one (the model
+    is refit, the random stream differs); the record's notes say it was resumed. A run killed after its budget was
+    spent (e.g. while judging) searches nothing again.
+
+    Why: AGOX keeps every evaluated structure in its database and refits its model and sampler from the whole
+    database after each update, so the database is the search's state; AGOX has no resume of its own (its run
+    loop starts a fresh State at iteration 1), hence the saved iteration and the restored observers here.
     """
     from agox.algorithms.algorithm import run_directory
 
@@ -252,7 +260,7 @@ def run_agox(ctx: RunContext) -> None:
     resumes = saved["resumes"] if saved else []
     database = None  # AGOX's, opened in the work dir (its file name is relative) by _make_agox
 
-    def save(iteration: int, finished: bool = False) -> None:  # atomic: a kill leaves the old state or the new
+    def save(iteration: int | None, finished: bool = False) -> None:  # atomic: a kill leaves the old state or the new
         settings = {**outcome.settings, "iterations": iteration}
         write_json(state_path, {"run": run_key, "iteration": iteration, "rows": _rows(database),
                                 "finished": finished, "stopped": ledger.stopped, "resumes": resumes,
@@ -274,7 +282,7 @@ def run_agox(ctx: RunContext) -> None:
                 agox_run.run(N_iterations=10**9)
     except EvaluationBudgetExhausted:
         if database is not None:  # a kill while judging (hours of DFT relaxations) then redoes no search
-            save(database.get_iteration_counter() or first - 1, finished=True)
+            save(database.get_iteration_counter(), finished=True)  # None if it stored nothing (as settings say)
         raise
     finally:
         if agox_run is not None:
@@ -301,9 +309,9 @@ def _resume_ledger(outcome: Any, saved: dict) -> None:
     saved["resumes"].append({"evaluations": ledger.count, "seconds": round(outcome.resumed_seconds, 1),
                              "iteration": saved["iteration"]})
     outcome.notes.append(f"resumed from its work dir at {ledger.count} evaluations, {outcome.resumed_seconds:.0f} s, "
-                         f"after AGOX iteration {saved['iteration']} (resume {len(saved['resumes'])}): the model and "
-                         "sampler refit from its database, the random stream reseeded, so not bit-identical to an "
-                         "uncut run")
+                         f"after AGOX iteration {saved['iteration']} (resume {len(saved['resumes'])}): its model and "
+                         "sampler (where it has them) refit from its database, the random stream reseeded, so not "
+                         "bit-identical to an uncut run")
 
 
 def _rows(database: Any) -> int:
