@@ -147,8 +147,10 @@ def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_ev
     from its work dir's saved state, so it spends only the rest of its budget, keeps the improvements found before
     the kill, and its record says it was resumed."""
     pytest.importorskip("agox")
-    from asla.bench import command
+    from asla.bench import agox, command
     from asla.counting import Ledger
+
+    monkeypatch.setattr(agox, "SAVE_EVERY_S", 0.0)  # the state after every iteration (EMT iterations take a second)
 
     results = tmp_path / "runs"
     argv = ["--quick", "--methods", "gofee", "--gofee-budget", "12", "--out", str(tmp_path / "out"),
