@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,83 @@ def test_a_killed_asla_benchmark_run_resumes_from_its_checkpoint_with_the_same_t
     assert [(e, round(en, 6)) for e, _, en in b["trace"]] == [(e, round(en, 6)) for e, _, en in a["trace"]]
     assert [t for _, t, _ in b["trace"]] == sorted(t for _, t, _ in b["trace"])  # the clock went on, not restarted
     assert not (tmp_path / "cut" / "pd100-oxide-2x2" / "asla-s0.work").exists()  # checkpoints gone with the record
+
+
+class Killed(BaseException):
+    """A kill in the middle of a run (a BaseException, as a signal: AGOX and the benchmark catch Exception)."""
+
+
+def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_evaluation_once(tmp_path, monkeypatch):
+    """Killed in the middle of an iteration (one evaluation after the last saved state), run again: the run goes on
+    from its work dir's saved state, so it spends only the rest of its budget, keeps the improvements found before
+    the kill, and its record says it was resumed."""
+    pytest.importorskip("agox")
+    from asla.bench import agox, command
+    from asla.counting import Ledger
+
+    monkeypatch.setattr(agox, "SAVE_EVERY_S", 0.0)  # the state after every iteration (EMT iterations take a second)
+
+    results = tmp_path / "runs"
+    argv = ["--quick", "--methods", "gofee", "--gofee-budget", "12", "--out", str(tmp_path / "out"),
+            "--results", str(results)]
+    work, record = results / "pd100-oxide-2x2" / "gofee-s0.work", results / "pd100-oxide-2x2" / "gofee-s0.json"
+    charge, session = Ledger.charge, {"resumed": False, "charged": 0}
+
+    def charge_or_die(self):
+        if not session["resumed"] and self.count == 7:  # the first session's 8th evaluation: killed before it
+            raise Killed
+        charge(self)
+        session["charged"] += session["resumed"]
+
+    monkeypatch.setattr(Ledger, "charge", charge_or_die)
+    with pytest.raises(Killed):
+        command.main(argv)
+    assert not record.exists()
+    saved = json.loads((work / "agox-state.json").read_text())
+    assert saved["ledger"]["count"] == 6 and saved["iteration"] == 3  # GOFEE stores 2 evaluations an iteration
+    before = [(row["evaluations"], round(row["energy"], 6)) for row in saved["ledger"]["trace"]]
+    assert before
+    # rows written after a saved state (a kill between AGOX's commit and the state's write) are dropped on a resume
+    from agox.databases import Database
+
+    from asla.bench.agox import _restore_database
+    (db_file,) = work.glob("db-*.db")
+    copy = Database(str(shutil.copyfile(db_file, tmp_path / "copy.db")))
+    assert len(copy.get_all_structures_data()) == saved["rows"] == 6
+    _restore_database(copy, {"rows": 4, "iteration": 2})
+    assert len(copy) == len(copy.get_all_structures_data()) == 4
+    assert max(copy.read_all_key_value_pairs()) == 4
+
+    session["resumed"] = True  # from here on every evaluation charged is counted
+    assert command.main(argv) == 0
+    rec = json.loads(record.read_text())
+    assert session["charged"] == 12 - 6  # only what was left of the budget: the 7th evaluation redone, none twice
+    assert rec["evaluations_spent"] == 12 and rec["trace"][-1][0] <= 12
+    assert [(e, round(en, 6)) for e, _, en in rec["trace"][:len(before)]] == before
+    assert [t for _, t, _ in rec["trace"]] == sorted(t for _, t, _ in rec["trace"])  # the clock went on
+    assert rec["wall_seconds"] >= saved["ledger"]["seconds"]
+    assert any(note.startswith("resumed from its work dir at 6 evaluations") for note in rec["notes"])
+    assert rec["settings"]["iterations"] > saved["iteration"]  # AGOX's iterations went on from the saved one
+    assert not work.exists()  # the work dir goes once the record is written
+
+
+def test_an_agox_run_killed_after_its_budget_was_spent_is_not_searched_again(tmp_path, monkeypatch):
+    """Killed while judging (after the search spent its budget, before the record): run again, it searches nothing
+    and has the same count and trace."""
+    pytest.importorskip("agox")
+    from asla.counting import Ledger
+
+    problem = bench_problem("pd100-oxide-2x2")
+    first = bm.run_method("bh", problem, seed=0, budget=30, work_dir=tmp_path)
+    assert json.loads((tmp_path / "agox-state.json").read_text())["finished"]
+    charge, charged = Ledger.charge, []
+    monkeypatch.setattr(Ledger, "charge", lambda self: (charged.append(1), charge(self)))
+    again = bm.run_method("bh", problem, seed=0, budget=30, work_dir=tmp_path)
+    assert not charged and again.ledger.count == first.ledger.count == 30
+    assert [(r["evaluations"], r["energy"]) for r in again.ledger.trace] == \
+        [(r["evaluations"], r["energy"]) for r in first.ledger.trace]
+    assert again.notes[0].startswith("resumed from its work dir at 30 evaluations")
+    assert again.settings["iterations"] == first.settings["iterations"]
 
 
 def test_a_run_stopped_when_found_has_the_same_first_hit_as_the_run_to_its_budget(tmp_path):

@@ -3,18 +3,24 @@ and the patches AGOX 3.11 needs on ASE 3.29 and numpy 2.4.
 
 rss, bh and gofee are built from AGOX's own algorithm configurations for a template + confinement box and run
 with the problem's calculator wrapped in asla.counting.CountingCalculator, so they are counted as every method is.
+A run keeps AGOX's database and the ledger's state in its work dir and continues from them after a kill
+(`run_agox`): a DFT GOFEE run (hours) outlasts one working session.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asla.problem import Problem
+from asla.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from asla.bench.methods import RunContext
@@ -207,29 +213,183 @@ def _serial_gofee_class() -> type:
     return SerialGOFEE
 
 
+STATE_FILE = "agox-state.json"  # beside AGOX's database in the work dir: what a resumed run continues from
+# At most one state write per this many seconds of search: a write (the trace's structures as JSON) took 2.6 s of a
+# 29 s EMT basin-hopping run of 3000 evaluations when made after each of its 40 iterations; a DFT iteration takes
+# minutes, so each one is saved. A kill loses the search since the last write (redone, counted once).
+SAVE_EVERY_S = 10.0
+
+
 def run_agox(ctx: RunContext) -> None:
-    """Run AGOX's `ctx.method` on the problem until the ledger's budget (or its stop rule) ends it."""
+    """Run AGOX's `ctx.method` on the problem until the ledger's budget (or its stop rule) ends it; resumable.
+
+    The work dir keeps AGOX's own database (sqlite, every stored candidate) and, written after a database update
+    (at most every SAVE_EVERY_S), the ledger's state with the iteration and the database's row count (STATE_FILE).
+    A run started on a work dir that has both (same method, seed, budget, --quick) continues: rows written after
+    the last state are dropped (their evaluations are not in its count), the database is loaded back into memory
+    (AGOX's restore_to_memory), its observers (model training, sampler) are run on it once as after a database
+    update, the ledger goes on from the saved count, trace and clock, AGOX's iteration counter from the next
+    iteration, and numpy's random stream is reseeded from (seed, iteration). The evaluations made after the last
+    write (the iteration in flight at the kill; on a fast calculator up to SAVE_EVERY_S of search) are redone, and
+    each evaluation the record counts is counted once (a DFT GOFEE kill loses at most one iteration, 2
+    evaluations). A resumed run is not bit-identical to an uncut one (the model is refit, the random stream
+    differs); the record's notes say it was resumed. A run killed after its budget was spent (e.g. while judging)
+    searches nothing again.
+
+    Why: AGOX keeps every evaluated structure in its database and refits its model and sampler from the whole
+    database after each update, so the database is the search's state; AGOX has no resume of its own (its run
+    loop starts a fresh State at iteration 1), hence the saved iteration and the restored observers here.
+    """
     from agox.algorithms.algorithm import run_directory
 
     from asla.calculators import make_calculator
-    from asla.counting import CountingCalculator
+    from asla.counting import CountingCalculator, EvaluationBudgetExhausted
     problem = ctx.problem.load()  # AGOX relaxes with its own evaluator: no ASLA recipe overrides
     outcome = ctx.outcome
+    ledger = outcome.ledger
+    run_key = {"method": ctx.method, "seed": ctx.seed, "budget": ledger.budget, "quick": bool(ctx.quick)}
+    saved = _saved_state(ctx.work_dir, run_key)
+    if saved is None:  # a fresh start: an unusable earlier start's database goes (AGOX would append to it)
+        for stale in [ctx.work_dir / STATE_FILE, *ctx.work_dir.glob("db-*.db")]:
+            stale.unlink(missing_ok=True)
+    else:
+        _resume_ledger(outcome, saved)
+    if saved is not None and saved.get("finished"):  # killed after the budget was spent: nothing left to search
+        outcome.settings.update(saved["settings"])
+        return
     calculator = CountingCalculator(make_calculator(problem.calculator), ledger=outcome.ledger)
     alg = agox_algorithm(ctx.method, problem, calculator, ctx.seed, ctx.work_dir, ctx.quick)
     box, corner = confinement(problem)
     outcome.settings.update({"agox_config": _plain(alg.algorithm_cfg.model_dump()),
                              "confinement_cell": box.tolist(), "confinement_corner": corner.tolist()})
-    log_path = ctx.work_dir / "agox.log"
+    state_path = ctx.work_dir / STATE_FILE
+    resumes = saved["resumes"] if saved else []
+    database = None  # AGOX's, opened in the work dir (its file name is relative) by _make_agox
+
+    last_save = [time.perf_counter()]
+
+    def save(iteration: int | None, finished: bool = False) -> None:  # atomic: a kill leaves the old state or the new
+        if not finished and time.perf_counter() - last_save[0] < SAVE_EVERY_S:
+            return
+        last_save[0] = time.perf_counter()
+        settings = {**outcome.settings, "iterations": iteration}
+        state = {"run": run_key, "iteration": iteration, "rows": _rows(database), "finished": finished,
+                 "stopped": ledger.stopped, "resumes": resumes, "settings": settings, "ledger": ledger.state_dict()}
+        atomic_write_text(state_path, json.dumps(state, separators=(",", ":")))  # compact: the trace's structures
+
     agox_run = None
+    first = saved["iteration"] + 1 if saved else 1
     try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), run_directory(alg.get_path()):
+        # appended on a resume: the log of the earlier sessions stays
+        with open(ctx.work_dir / "agox.log", "a" if saved else "w") as log, contextlib.redirect_stdout(log), \
+                run_directory(alg.get_path()):
             agox_run = alg._make_agox()  # what Algorithm.run does, minus its configuration printout
-            agox_run.run(N_iterations=10**9)
+            database = alg.get_database()
+            _ledger_saver(save).attach(database)
+            if saved is not None:
+                _restore_database(database, saved)
+                np.random.seed([ctx.seed, first])  # not the first session's stream again (AGOX seeded it)
+            with _iterations_from(first):
+                agox_run.run(N_iterations=10**9)
+    except EvaluationBudgetExhausted:
+        if database is not None:  # a kill while judging (hours of DFT relaxations) then redoes no search
+            save(database.get_iteration_counter(), finished=True)  # None if it stored nothing (as settings say)
+        raise
     finally:
         if agox_run is not None:
             atexit.unregister(agox_run.on_failure)  # a budget stop is not a failed AGOX run
-        outcome.settings["iterations"] = alg.get_database().get_iteration_counter()
+        if database is not None:
+            outcome.settings["iterations"] = database.get_iteration_counter()
+
+
+def _saved_state(work_dir: Path, run_key: dict) -> dict | None:
+    """The work dir's saved state if it is this run's (same method, seed, budget, --quick) and readable, else None."""
+    try:
+        saved = json.loads((work_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("run") == run_key else None
+
+
+def _resume_ledger(outcome: Any, saved: dict) -> None:
+    """The ledger (count, best energy, trace, clock) and the stop flag as saved; a note for the record."""
+    ledger = outcome.ledger
+    ledger.load_state_dict(saved["ledger"])
+    ledger.stopped = bool(saved["stopped"])
+    outcome.resumed_seconds = float(saved["ledger"]["seconds"])  # run_method's clock goes on from here, as the ledger's
+    saved["resumes"].append({"evaluations": ledger.count, "seconds": round(outcome.resumed_seconds, 1),
+                             "iteration": saved["iteration"]})
+    outcome.notes.append(f"resumed from its work dir at {ledger.count} evaluations, {outcome.resumed_seconds:.0f} s, "
+                         f"after AGOX iteration {saved['iteration']} (resume {len(saved['resumes'])}): its model and "
+                         "sampler (where it has them) refit from its database, the random stream reseeded, so not "
+                         "bit-identical to an uncut run")
+
+
+def _rows(database: Any) -> int:
+    """The id of the database's last stored row (0 when empty): the rows a saved state covers."""
+    row = database.con.execute("SELECT max(id) FROM structures").fetchone()
+    return int(row[0] or 0)
+
+
+def _restore_database(database: Any, saved: dict) -> None:
+    """Load the saved rows back (AGOX's restore_to_memory) and run the database's observers once on them.
+
+    Rows past the saved state's are deleted first: they were written in the instant between AGOX's commit and the
+    state's write, so their evaluations are not in the saved count; their iteration is run again. The observers
+    (the model's training, the sampler's setup) then see the database as after the last saved iteration.
+    """
+    from agox.main.state import State
+    con = database.con
+    for table in ("structures", "text_key_values", "float_key_values", "int_key_values", "boolean_key_values",
+                  "other_key_values"):
+        con.execute(f"DELETE FROM {table} WHERE id > ?", (int(saved["rows"]),))  # fixed table names (AGOX's schema)
+    con.commit()
+    database.restore_to_memory()
+    if len(database):
+        state = State()
+        state.set_iteration_counter(int(saved["iteration"]))
+        database.dispatch_to_observers(database=database, state=state)
+
+
+@contextlib.contextmanager
+def _iterations_from(first: int) -> Iterator[None]:
+    """AGOX's run loop counting iterations from `first` (it starts a State at 1, with no option for another)."""
+    import importlib
+    main = importlib.import_module("agox.main.agox")  # the module (agox.main also exports a name agox)
+    original = main.State
+
+    def state() -> Any:
+        s = original()
+        s.set_iteration_counter(first)
+        return s
+
+    main.State = state
+    try:
+        yield
+    finally:
+        main.State = original
+
+
+def _ledger_saver(save: Callable[[int], None]) -> Any:
+    """An AGOX observer of the database that calls save(iteration) after each update, before the model trains.
+
+    First among the database's observers (order -1e9), so the state is written right after AGOX's commit, not
+    after the model's training (seconds, during which a kill would leave rows the state does not cover).
+    """
+    from agox.observer import Observer
+
+    class LedgerSaver(Observer):
+        name = "AslaLedgerSaver"
+
+        def __init__(self) -> None:
+            super().__init__(order=-1e9)
+            self.add_observer_method(self.save, sets={}, gets={}, order=-1e9, handler_identifier="database")
+
+        @Observer.observer_method
+        def save(self, database: Any, state: Any) -> None:
+            save(state.get_iteration_counter())
+
+    return LedgerSaver()
 
 
 def _plain(x: Any) -> Any:

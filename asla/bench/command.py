@@ -95,11 +95,12 @@ def run_one(args: argparse.Namespace, problem: BenchProblem, method: str, seed: 
     if not problem.shipped:
         base["problem_file"] = problem.spec
     dest = record_path(Path(args.results), problem.slug, method, seed).with_suffix("")
-    # A training run works beside its record and checkpoints there, so a killed benchmark resumes it; the
+    # A training run and an AGOX search work beside the record and keep their state there (checkpoints; AGOX's
+    # database and the ledger), so a killed benchmark resumes them (a DFT GOFEE run outlasts a session); the
     # other methods run in minutes and work in a temporary directory.
     with contextlib.ExitStack() as stack:
         stack.enter_context(resumable_relaxations(judge_store(args, problem, loaded)))
-        if bm.METHODS[method].training:
+        if bm.METHODS[method].resumable:
             work = Path(f"{dest}.work")
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(
@@ -318,7 +319,7 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             continue
         path = record_path(results, p.slug, m, s)
         write_json(path, rec)
-        shutil.rmtree(f"{path.with_suffix('')}.work", ignore_errors=True)  # a training run's checkpoints: done with
+        shutil.rmtree(f"{path.with_suffix('')}.work", ignore_errors=True)  # a resumable run's state: done with
         print(f"[{n}/{len(jobs)}] {p.slug} {m} seed {s}: {rec['evaluations_spent']} evaluations in "
               f"{rec['wall_seconds']:.1f} s; best {rec['best_energy']:.4f} eV "
               f"(relaxed {rec['best_relaxed_energy']:.4f}, "

@@ -6,7 +6,8 @@ relaxation steps included), stops the search when the budget is spent, and keeps
 the lowest energy computed (evaluations, wall seconds, energy, structure). Whether and when a run found the
 global minimum is decided afterwards from that trace by asla.bench.judge, the same for every method.
 
-A method is a `Method`: a label for the report, whether it trains (and so checkpoints beside its record), what it
+A method is a `Method`: a label for the report, whether it trains (and so checkpoints beside its record; AGOX's
+searches keep their database and ledger there too, asla.bench.agox.run_agox), what it
 imports off the clock, and `run(ctx)`, which searches until the ledger stops it. Methods: asla (from scratch,
 the problem's recipe), asla-transfer (fine-tuned from a pretrained agent of another problem), asla-zeroshot (a
 pretrained agent builds, no training), asla-surrogate and asla-transfer-surrogate (those two trainings with the
@@ -71,7 +72,12 @@ class Method:
     label: str  # the report's row name
     run: Callable[[RunContext], None]
     training: bool = False  # trains an agent: works beside its record and checkpoints there (a kill resumes it)
-    agox: bool = False
+    agox: bool = False  # an AGOX search: works beside its record, its database and ledger there (a kill resumes it)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether its work dir is kept beside the record (a killed run continues from it) or is a temporary one."""
+        return self.training or self.agox
 
 
 def _prepare_asla() -> None:
