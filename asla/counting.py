@@ -90,6 +90,27 @@ class Ledger:
                       for r in state["trace"]]
         self.t0 = time.perf_counter() - float(state["seconds"])
 
+    def ask_stop_rule_again(self) -> bool:
+        """Ask `stop_when` of the improvements restored by `load_state_dict`, in order, as they were asked when they
+        came; True (stopped, the limit at the hit) at the first hit.
+
+        For a resumed search: the process that found them may have had no stop rule (a DFT run started without
+        --stop-when-found and resumed with it) or may have been killed while judging one; otherwise they were no
+        hits, and on DFT problems their judge relaxations are kept (asla.bench.judge.resumable_relaxations), so
+        asking again costs nothing. The time it takes is off the clock, as in `observe`."""
+        if self.stop_when is None:
+            return False
+        for row in self.trace:
+            t = time.perf_counter()
+            hit = bool(self.stop_when(row["atoms"], float(row["energy"])))
+            pause = time.perf_counter() - t
+            self.t0 += pause
+            self.paused_seconds += pause
+            if hit:
+                self.stopped, self.limit = True, int(row["evaluations"])
+                return True
+        return False
+
     def charge(self) -> None:
         if self.exhausted:
             raise EvaluationBudgetExhausted(f"budget of {self.limit} evaluations spent")

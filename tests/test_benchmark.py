@@ -633,3 +633,32 @@ def test_a_run_resumed_with_a_stop_rule_asks_it_of_the_improvements_made_before(
     assert again.ledger.stopped and again.ledger.limit == before[1][0]
     assert again.ledger.count == first.ledger.count  # nothing evaluated after the resume
     assert any(note.startswith("found before its checkpoint") for note in again.notes)
+
+
+def test_an_agox_run_resumed_with_a_stop_rule_asks_it_of_the_improvements_made_before(tmp_path, monkeypatch):
+    pytest.importorskip("agox")
+    from asla.bench import agox
+    from asla.counting import Ledger
+
+    monkeypatch.setattr(agox, "SAVE_EVERY_S", 0.0)
+    problem = bench_problem("pd100-oxide-2x2")
+    charge, session = Ledger.charge, {"resumed": False, "charged": 0}
+
+    def charge_or_die(self):
+        if not session["resumed"] and self.count == 150:
+            raise Killed
+        charge(self)
+        session["charged"] += session["resumed"]
+
+    monkeypatch.setattr(Ledger, "charge", charge_or_die)
+    with pytest.raises(Killed):
+        bm.run_method("bh", problem, seed=0, budget=400, work_dir=tmp_path)
+    saved = json.loads((tmp_path / "agox-state.json").read_text())["ledger"]
+    assert saved["trace"]
+    session["resumed"] = True
+    asked = []
+    again = bm.run_method("bh", problem, seed=0, budget=400, work_dir=tmp_path,
+                          stop_when=lambda atoms, energy: asked.append(energy) or True)
+    assert asked == [saved["trace"][0]["energy"]]  # the first restored improvement, a hit by this rule
+    assert again.ledger.stopped and session["charged"] == 0 and again.ledger.count == saved["count"]
+    assert any(note.startswith("found before the kill") for note in again.notes)

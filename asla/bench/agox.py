@@ -254,6 +254,10 @@ def run_agox(ctx: RunContext) -> None:
             stale.unlink(missing_ok=True)
     else:
         _resume_ledger(outcome, saved)
+        if not saved.get("finished") and not ledger.stopped and ledger.ask_stop_rule_again():
+            outcome.notes.append(f"found before the kill (improvement at {ledger.limit} evaluations, asked again "
+                                 "on resume): not searched further")
+            return
     if saved is not None and saved.get("finished"):  # killed after the budget was spent: nothing left to search
         outcome.settings.update(saved["settings"])
         return

@@ -189,7 +189,7 @@ def _train(ctx: RunContext, cfg: dict, init_from: str | None = None) -> None:
         outcome.resumed_seconds = float(saved["seconds"])
         outcome.notes.append(f"resumed from its checkpoint at {ledger.count} evaluations, "
                              f"{outcome.resumed_seconds:.0f} s")
-        if _found_before_the_checkpoint(ledger):
+        if ledger.ask_stop_rule_again():
             outcome.notes.append(f"found before its checkpoint (improvement at {ledger.limit} evaluations, asked "
                                  "again on resume): not trained further")
             return
@@ -198,26 +198,6 @@ def _train(ctx: RunContext, cfg: dict, init_from: str | None = None) -> None:
     if run_dir.exists():  # a start without a usable checkpoint (or for another budget): start afresh
         shutil.rmtree(run_dir)
     train(cfg, run_dir=run_dir, init_from=init_from, progress=False, on_checkpoint=save_ledger)
-
-
-def _found_before_the_checkpoint(ledger: Any) -> bool:
-    """Ask `stop_when` of the improvements restored from a checkpoint, in order, as the run asked them as they came.
-
-    The process that wrote them may have had no stop rule (a DFT run started without --stop-when-found and resumed
-    with it), or may have been killed while judging one; otherwise they were no hits, and on DFT problems their
-    judge relaxations are kept (asla.bench.judge.resumable_relaxations), so asking again costs nothing."""
-    if ledger.stop_when is None:
-        return False
-    for row in ledger.trace:
-        t = time.perf_counter()
-        hit = bool(ledger.stop_when(row["atoms"], float(row["energy"])))
-        pause = time.perf_counter() - t
-        ledger.t0 += pause
-        ledger.paused_seconds += pause
-        if hit:
-            ledger.stopped, ledger.limit = True, row["evaluations"]
-            return True
-    return False
 
 
 def _checkpointed_ledger(run_dir: Path) -> dict | None:
