@@ -662,3 +662,14 @@ def test_an_agox_run_resumed_with_a_stop_rule_asks_it_of_the_improvements_made_b
     assert asked == [saved["trace"][0]["energy"]]  # the first restored improvement, a hit by this rule
     assert again.ledger.stopped and session["charged"] == 0 and again.ledger.count == saved["count"]
     assert any(note.startswith("found before the kill") for note in again.notes)
+
+
+def test_an_agox_work_dir_in_use_is_refused(tmp_path):
+    pytest.importorskip("agox")
+    from asla.lock import RunLock, RunLockedError
+
+    with RunLock(tmp_path), pytest.raises(RunLockedError):
+        bm.run_method("bh", bench_problem("pd100-oxide-2x2"), seed=0, budget=30, work_dir=tmp_path)
+    assert not (tmp_path / "agox-state.json").exists()  # nothing searched, nothing written
+    done = bm.run_method("bh", bench_problem("pd100-oxide-2x2"), seed=0, budget=30, work_dir=tmp_path)
+    assert done.ledger.count == 30 and not (tmp_path / ".asla.lock").exists()  # released at the end

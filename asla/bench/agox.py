@@ -221,6 +221,14 @@ SAVE_EVERY_S = 10.0
 
 
 def run_agox(ctx: RunContext) -> None:
+    """`_run_agox` holding the work dir's lock (asla.lock, as a training run holds its run dir's): two processes
+    resuming one saved state would both spend the rest of its budget and write one database."""
+    from asla.lock import RunLock
+    with RunLock(ctx.work_dir):
+        _run_agox(ctx)
+
+
+def _run_agox(ctx: RunContext) -> None:
     """Run AGOX's `ctx.method` on the problem until the ledger's budget (or its stop rule) ends it; resumable.
 
     The work dir keeps AGOX's own database (sqlite, every stored candidate) and, written after a database update
