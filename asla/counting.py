@@ -101,12 +101,7 @@ class Ledger:
         if self.stop_when is None:
             return False
         for row in self.trace:
-            t = time.perf_counter()
-            hit = bool(self.stop_when(row["atoms"], float(row["energy"])))
-            pause = time.perf_counter() - t
-            self.t0 += pause
-            self.paused_seconds += pause
-            if hit:
+            if self._ask_stop_rule(row["atoms"], float(row["energy"])):
                 self.stopped, self.limit = True, int(row["evaluations"])
                 return True
         return False
@@ -126,15 +121,18 @@ class Ledger:
         if self.keep_trace:
             self.trace.append({"evaluations": self.count, "seconds": self.seconds, "energy": float(energy),
                                "atoms": plain})
-        if self.stop_when is not None:
-            t = time.perf_counter()
-            hit = bool(self.stop_when(plain, float(energy)))
-            pause = time.perf_counter() - t
-            self.t0 += pause
-            self.paused_seconds += pause
-            if hit:
-                self.stopped = True
-                self.limit = self.count  # exhausted: the wrapping calculator raises after recording this one
+        if self.stop_when is not None and self._ask_stop_rule(plain, float(energy)):
+            self.stopped = True
+            self.limit = self.count  # exhausted: the wrapping calculator raises after recording this one
+
+    def _ask_stop_rule(self, atoms: Atoms, energy: float) -> bool:
+        """`stop_when(atoms, energy)`, its time kept off the clock (`paused_seconds`)."""
+        t = time.perf_counter()
+        hit = bool(self.stop_when(atoms, energy))
+        pause = time.perf_counter() - t
+        self.t0 += pause
+        self.paused_seconds += pause
+        return hit
 
 
 _LEDGERS: dict[str, Ledger] = {}

@@ -13,7 +13,6 @@ Used by `scripts/dft_reference.py` (the DFT reference minimum) and by the benchm
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -23,12 +22,12 @@ from pathlib import Path
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
-from ase.io import read, write
+from ase.io import read
 from ase.optimize import BFGS
 
 from asla.calculators import make_calculator
 from asla.problem import Problem
-from asla.storage import atomic_write_text, write_json
+from asla.storage import atomic_write_text, write_json, write_structures
 
 
 def last_frame(traj: Path) -> tuple[Atoms | None, int]:
@@ -72,10 +71,7 @@ class Checkpoint:
     def save(self, atoms: Atoms, progress: dict, bfgs: Path) -> None:
         frame = atoms.copy()
         frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        text = io.StringIO()
-        write(text, frame, format="extxyz")
-        self.frame.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.frame, text.getvalue())
+        write_structures(self.frame, [frame])
         if bfgs.exists():
             atomic_write_text(self.bfgs, bfgs.read_text())
         write_json(self.progress, progress)

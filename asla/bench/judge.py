@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
-import io
 import json
 import math
 import time
@@ -25,12 +24,12 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.io import read, write
+from ase.io import read
 
 from asla import basin
 from asla.basin import in_basin
 from asla.problem import Problem
-from asla.storage import atomic_write_text, write_json
+from asla.storage import write_json, write_structures
 
 TOL = 0.05  # eV, the basin criterion's tolerance
 STRICT_TOL = 0.2  # A: largest displacement of any atom from its reference site still counted as the same structure
@@ -89,9 +88,7 @@ class RelaxationStore:
         record["energy"] = energy if math.isfinite(energy) else None
         done.calc = None
         done.info["relaxed_energy"] = energy
-        text = io.StringIO()
-        write(text, done, format="extxyz")
-        atomic_write_text(structure_path, text.getvalue())
+        write_structures(structure_path, [done])
         write_json(record_path, record)
         Checkpoint(keep, name).remove()  # the record supersedes it
         return done
