@@ -164,6 +164,22 @@ class Augment:
 
 
 @dataclass
+class Mutation:
+    """Mutants of the best builds beside the agent's own (agents/mutation.py): an exploitation move."""
+
+    fraction: float = option(0.0, "share of each iteration's builds made as a mutant of one of the best builds "
+                             "(two atoms' species exchanged or one atom moved) instead of by the agent; 0: off",
+                             "number", minimum=0.0, maximum=1.0)
+    parents: int = option(3, "the lowest-energy distinct builds a mutant is made from, uniformly", "int",
+                          minimum=1, maximum=10**6)
+    swap_probability: float = option(0.5, "chance that a mutant exchanges two atoms' species rather than moves "
+                                     "one (a bag of one species always moves one)", "number", minimum=0.0,
+                                     maximum=1.0)
+    shift_radius: float = option(1.0, "Angstrom: how far a moved atom may go (to any grid point, any layer)",
+                                 "number", minimum=0.0, exclusive_minimum=True)
+
+
+@dataclass
 class Recipe:
     """A training recipe: the problem and every hyperparameter of a run (configs/*.yaml, a run's config.yaml)."""
 
@@ -186,6 +202,7 @@ class Recipe:
     temperature: Any = section(Temperature, "> 0: non-random steps sample softmax(Q/T) (Boltzmann exploration)")
     learning: Learning = section(Learning, "targets, rewards, replay and optimiser")
     augment: Augment = section(Augment, "symmetry augmentation")
+    mutation: Mutation = section(Mutation, "mutants of the best builds beside the agent's builds (off by default)")
     surrogate: SurrogateConfig = section(SurrogateConfig, "surrogate relaxation of finished builds (off by default; "
                                          "docs/surrogate.md)")
     checkpoint_every: int = option(200, "episodes between checkpoints", "int", minimum=1, maximum=10**9)

@@ -58,6 +58,7 @@ from .checkpoint import (
     save_tensors,
 )
 from .config import Recipe, load_config
+from .mutation import mutant
 from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
 
@@ -100,6 +101,8 @@ class TrainState:
     dead_ends: int = 0
     grad_credit: float = 0.0  # gradient steps owed (grad_steps_per_episode may be fractional)
     found_reference_at: dict | None = None
+    mutants: int = 0  # builds made as mutants of the best builds (recipe mutation.fraction > 0)
+    mutant_improvements: int = 0  # improvements of the best energy that were mutants
 
     def state_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -121,6 +124,7 @@ class Batch:
     keys: list[tuple[int, ...]] = field(default_factory=list)  # canonical (symmetry-reduced) keys, one per build
     evaluations: dict[int, Evaluation] = field(default_factory=dict)  # by index into builds; finished builds only
     surrogate: dict[int, SurrogateRecord] = field(default_factory=dict)  # what the model did, when it is enabled
+    mutants: set[int] = field(default_factory=set)  # indices of the builds that are mutants of a best build
 
 
 def train(config: dict | str | None, run_dir: str | Path | None = None, resume: bool = False,
@@ -270,7 +274,8 @@ class Trainer:
         return self.summarise()
 
     def rollout(self) -> Batch:
-        """n_builders builds in lockstep: one batched forward pass per step, ε-greedy over legal actions."""
+        """n_builders builds in lockstep: one batched forward pass per step, ε-greedy over legal actions; with the
+        recipe's mutation block, a share of them mutants of the best builds instead (agents/mutation.py)."""
         self._t_iteration = time.perf_counter()
         s = self.state
         epsilon = epsilon_at(self.eps_schedule, s.episodes)
@@ -278,10 +283,32 @@ class Trainer:
         n = min(self.cfg["n_builders"], self.cfg["episodes"] - s.episodes)
         f0 = self.agent.forward_seconds
         with self._timed("rollout"):
-            builds = self.agent.rollout(self.problem, n, epsilon, self.rng, temperature)
+            mutants = self.mutants(n)
+            builds = self.agent.rollout(self.problem, n - len(mutants), epsilon, self.rng, temperature) + mutants
         s.timing["rollout_forward"] += self.agent.forward_seconds - f0
+        s.mutants += len(mutants)
         self.callbacks.on_rollout_end(builds)
-        return Batch(builds, epsilon, temperature)
+        return Batch(builds, epsilon, temperature, mutants=set(range(n - len(mutants), n)))
+
+    def mutants(self, n: int) -> list[BuildState]:
+        """Up to round(fraction * n) mutants of the lowest-energy real builds (none before the first real energy);
+        the fraction's remainder rounds up at random, so that any fraction is met on average."""
+        cfg = self.cfg.get("mutation") or {}  # a resolved recipe from before the option has none
+        fraction = cfg.get("fraction", 0.0)
+        parents = [ep for ep in self.replay.best[: cfg.get("parents", 3)] if ep.actions]
+        if fraction <= 0 or not parents:
+            return []
+        due = int(fraction * n)
+        due += int(self.rng.random() < fraction * n - due)
+        out = []
+        for _ in range(due):
+            parent = parents[int(self.rng.integers(len(parents)))]
+            state = mutant(self.problem, parent.actions, self.rng, cfg.get("swap_probability", 0.5),
+                           cfg.get("shift_radius", 1.0),
+                           is_new=lambda b: b.canonical_key() not in self.evaluator.cache)
+            if state is not None:
+                out.append(state)
+        return out
 
     def evaluate(self, batch: Batch) -> None:
         """The finished structures to the calculator (through the executor; cache hits are answered here). With a
@@ -334,7 +361,7 @@ class Trainer:
                 real_energies.append(energy)
                 s.episodes += 1
                 if math.isfinite(energy):
-                    self._record_energy(energy, list(build.actions), spent)
+                    self._record_energy(energy, list(build.actions), spent, mutant=builder in batch.mutants)
             if screened:  # screening: only the real energies move the reward scale
                 self.scale.update(real_energies)
             else:
@@ -361,7 +388,7 @@ class Trainer:
                            **_surrogate_row(record)})
         return atoms
 
-    def _record_energy(self, energy: float, actions: list[int], spent: int) -> None:
+    def _record_energy(self, energy: float, actions: list[int], spent: int, mutant: bool = False) -> None:
         s = self.state
         self.recent_energies.append(energy)
         self.writer.add_scalar("charts/episode_energy", energy, s.episodes)
@@ -369,7 +396,8 @@ class Trainer:
             s.best_energy = energy
             s.best_actions = actions
             s.history.append({"episode": s.episodes, "evaluations": spent, "energy": energy, "actions": list(actions),
-                              "seconds": time.perf_counter() - self.t_start})
+                              "seconds": time.perf_counter() - self.t_start, **({"mutant": True} if mutant else {})})
+            s.mutant_improvements += int(mutant)
             _write_best(self.run_dir, self.problem, self.replay)
         if self.ref is not None and s.found_reference_at is None and energy <= self.ref + self.reference_tolerance:
             s.found_reference_at = {"episode": s.episodes, "evaluations": spent}
@@ -409,6 +437,9 @@ class Trainer:
                 if self.ref is not None:
                     writer.add_scalar("charts/best_energy_relative", s.best_energy - self.ref, step)
             writer.add_scalar("charts/dead_ends", s.dead_ends, step)
+            if s.mutants:
+                writer.add_scalar("charts/mutants", s.mutants, step)
+                writer.add_scalar("charts/mutant_improvements", s.mutant_improvements, step)
             writer.add_scalar("charts/failed_evaluations", len(self.evaluator.failures), step)
             if losses:
                 writer.add_scalar("losses/q_loss", float(np.mean(losses)), step)
@@ -793,7 +824,8 @@ def _summary(cfg: dict, problem, state: TrainState, evaluator: EnergyEvaluator) 
             "failures": len(evaluator.failures), "failure_summary": _failure_summary(evaluator),
             "seconds": state.seconds, "episodes_per_second": state.episodes / max(state.seconds, 1e-9),
             "timing_seconds": state.timing, "best_energy_kind": energy_kind(problem),
-            "episode_numbering": EPISODE_NUMBERING}
+            "episode_numbering": EPISODE_NUMBERING,
+            **({"mutants": state.mutants, "mutant_improvements": state.mutant_improvements} if state.mutants else {})}
 
 
 def energy_kind(problem) -> str:  # a Problem
