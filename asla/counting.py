@@ -86,7 +86,8 @@ class Ledger:
         self.limit, self.budget, self.count = state["limit"], state["budget"], int(state["count"])
         self.best_energy = math.inf if state["best_energy"] is None else float(state["best_energy"])
         self.trace = [{"evaluations": r["evaluations"], "seconds": r["seconds"], "energy": r["energy"],
-                       "atoms": Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"])}
+                       "atoms": Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"],
+                                      info={"evaluations": r["evaluations"]})}
                       for r in state["trace"]]
         self.t0 = time.perf_counter() - float(state["seconds"])
 
@@ -117,7 +118,7 @@ class Ledger:
             return
         self.best_energy = float(energy)
         plain = Atoms(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(), cell=atoms.cell.copy(),
-                      pbc=atoms.pbc.copy())
+                      pbc=atoms.pbc.copy(), info={"evaluations": self.count})  # stop rules tell descents by it
         if self.keep_trace:
             self.trace.append({"evaluations": self.count, "seconds": self.seconds, "energy": float(energy),
                                "atoms": plain})

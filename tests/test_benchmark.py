@@ -19,6 +19,7 @@ from asla.bench import judge
 from asla.bench import methods as bm
 from asla.bench.judge import FoundCheck, first_in_basin, structure_key
 from asla.bench.problems import BenchProblem, bench_problem
+from asla.counting import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG = 600  # s: a guard against a hung subprocess, not a speed check (a shared machine can be several times slower)
@@ -673,3 +674,38 @@ def test_an_agox_work_dir_in_use_is_refused(tmp_path):
     assert not (tmp_path / "agox-state.json").exists()  # nothing searched, nothing written
     done = bm.run_method("bh", bench_problem("pd100-oxide-2x2"), seed=0, budget=30, work_dir=tmp_path)
     assert done.ledger.count == 30 and not (tmp_path / ".asla.lock").exists()  # released at the end
+
+
+def test_online_check_judges_a_small_move_that_is_not_the_next_evaluation_at_once(monkeypatch):
+    """A mutant of the best build (one atom moved a little, agents/mutation.py) comes evaluations after it: it is
+    a new build, not a step of the best's descent, and is judged when it comes, as the offline judge does."""
+    problem = load_problem("pd100-oxide-2x2")
+    ref = problem.reference_energy
+    base = read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz")
+    best, moved = base.copy(), base.copy()
+    best.positions[:, 2] += 2.0
+    moved.positions[:, 2] += 2.0
+    moved.positions[-1, 0] += 0.3  # within a descent step's 0.5 A
+    relaxed = []
+
+    def fake_relax(problem, atoms):
+        relaxed.append(structure_key(atoms))
+        done = atoms.copy()
+        done.info["relaxed_energy"] = ref if relaxed[-1] == structure_key(moved) else ref + 1.0
+        return done
+
+    monkeypatch.setattr(judge, "relax", fake_relax)
+    for gap, judged_now in ((1, False), (40, True)):
+        relaxed.clear()
+        check = FoundCheck(problem, window=5.0)
+        best.info["evaluations"], moved.info["evaluations"] = 100, 100 + gap
+        assert not check(best, ref + 1.0)
+        assert check(moved, ref + 0.9) is judged_now
+        assert (structure_key(moved) in relaxed) is judged_now
+    ledger = Ledger(budget=10)  # the ledger gives its improvements their evaluation counts
+    ledger.count = 7
+    ledger.observe(best, ref + 1.0)
+    assert ledger.trace[-1]["atoms"].info["evaluations"] == 7
+    restored = Ledger(budget=10)
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.trace[-1]["atoms"].info["evaluations"] == 7

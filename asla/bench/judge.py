@@ -316,9 +316,17 @@ class FoundCheck:
         if ref is None or energy > ref + self.window:
             return False
         ended, self._descent = self._descent, atoms
-        if ended is not None and small_move(ended, atoms):
+        if ended is not None and _next_evaluation(ended, atoms) and small_move(ended, atoms):
             return False  # a step of the same descent: judged by its lowest point when the descent ends
         return (ended is not None and self._hit(ended)) or self._hit(atoms)
+
+
+def _next_evaluation(a: Atoms, b: Atoms) -> bool:
+    """`b` came at the evaluation after `a`'s (as `same_descent` asks offline), or their counts are not known (the
+    Ledger puts them in `info`). A small move that is not the next evaluation is a new build one atom away from
+    the best (agents/mutation.py), judged at once, not deferred as a descent's step."""
+    n_a, n_b = a.info.get("evaluations"), b.info.get("evaluations")
+    return n_a is None or n_b is None or int(n_b) == int(n_a) + 1
 
 
 # ---- the offline judgement of a trace ---------------------------------------------------------------------
