@@ -83,12 +83,14 @@ def test_the_lattice_gas_search_counts_every_symmetry_distinct_arrangement_on_th
 
 # ---- the default recipe (asla.agents.defaults) -------------------------------------------------------------------
 
-def test_the_default_recipe_gives_the_shipped_2x2_recipe_on_its_problem():
+def test_the_default_recipe_gives_the_shipped_2x2_recipe_on_its_problem_plus_the_mutants():
     from asla.agents.config import load_config
     from asla.agents.defaults import default_recipe
     shipped = load_config(ROOT / "configs" / "pd100-oxide-2x2.yaml")
     derived = load_config(default_recipe("pd100-oxide-2x2"))
-    assert {k: v for k, v in derived.items() if k != "name"} == {k: v for k, v in shipped.items() if k != "name"}
+    assert derived["mutation"]["fraction"] == 0.25 and shipped["mutation"]["fraction"] == 0.0  # the one difference
+    assert ({k: v for k, v in derived.items() if k not in ("name", "mutation")}
+            == {k: v for k, v in shipped.items() if k not in ("name", "mutation")})
 
 
 def test_the_default_recipe_scales_with_the_atoms_and_relaxes_only_with_a_cheap_calculator_on_a_surface(tmp_path):
