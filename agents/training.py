@@ -353,6 +353,8 @@ class Trainer:
                                               "seconds": ev.seconds, "n_calls": ev.n_calls})
                         if builder in batch.surrogate:
                             ev.atoms.info.update(_surrogate_row(batch.surrogate[builder]))
+                        if builder in batch.mutants:
+                            ev.atoms.info["mutant"] = True
                         evaluated.append(ev.atoms)
                 else:
                     energy = float("nan")

@@ -90,6 +90,10 @@ def test_training_with_mutants_counts_them_and_resumes_bit_for_bit(tmp_path):
     assert "mutants" not in plain
     assert 0 < full["mutants"] <= 24  # half of the builds at most, none before the first real energy
     assert full["mutant_improvements"] == sum(bool(h.get("mutant")) for h in full["history"])
+    from ase.db import connect
+    rows = list(connect(str(tmp_path / "full" / "evaluations.db")).select())
+    marked = sum(bool(row.get("mutant")) for row in rows)
+    assert 0 < marked <= full["mutants"]  # the evaluated mutants are marked in the database (cache hits are not rows)
     part = train(tiny_cfg(**cfg), run_dir=tmp_path / "part", progress=False, callbacks=[StopAfterEpisodes(28)])
     assert part["episodes"] == 28
     resumed = train(None, run_dir=tmp_path / "part", resume=True, progress=False)
