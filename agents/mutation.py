@@ -41,7 +41,7 @@ def build_in_order(problem: Problem, atoms: list[Atom]) -> BuildState | None:
     return state
 
 
-def swap(problem: Problem, atoms: list[Atom], rng: np.random.Generator) -> list[Atom] | None:
+def swap(atoms: list[Atom], rng: np.random.Generator) -> list[Atom] | None:
     """Two atoms of different species exchange their species (None when the build has one species only)."""
     species = np.array([a[0] for a in atoms])
     if len(set(species.tolist())) < 2:
@@ -84,7 +84,7 @@ def mutant(problem: Problem, parent: list[int], rng: np.random.Generator, swap_p
     fallback = None
     for _ in range(tries):
         if can_swap and rng.random() < swap_probability:
-            changed = swap(problem, atoms, rng)
+            changed = swap(atoms, rng)
         else:
             changed = shift(problem, atoms, rng, shift_radius)
         state = build_in_order(problem, changed) if changed is not None else None

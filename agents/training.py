@@ -57,7 +57,7 @@ from .checkpoint import (
     rng_state_dict,
     save_tensors,
 )
-from .config import Recipe, load_config
+from .config import DEFAULTS, Recipe, load_config
 from .mutation import mutant
 from .qnetwork import NetworkConfig
 from .replay import Episode, ReplayBuffer
@@ -293,9 +293,9 @@ class Trainer:
     def mutants(self, n: int) -> list[BuildState]:
         """Up to round(fraction * n) mutants of the lowest-energy real builds (none before the first real energy);
         the fraction's remainder rounds up at random, so that any fraction is met on average."""
-        cfg = self.cfg.get("mutation") or {}  # a resolved recipe from before the option has none
-        fraction = cfg.get("fraction", 0.0)
-        parents = [ep for ep in self.replay.best[: cfg.get("parents", 3)] if ep.actions]
+        cfg = {**DEFAULTS["mutation"], **self.cfg.get("mutation", {})}  # a resolved recipe from before has none
+        fraction = cfg["fraction"]
+        parents = [ep for ep in self.replay.best[: cfg["parents"]] if ep.actions]
         if fraction <= 0 or not parents:
             return []
         due = int(fraction * n)
@@ -303,8 +303,7 @@ class Trainer:
         out = []
         for _ in range(due):
             parent = parents[int(self.rng.integers(len(parents)))]
-            state = mutant(self.problem, parent.actions, self.rng, cfg.get("swap_probability", 0.5),
-                           cfg.get("shift_radius", 1.0),
+            state = mutant(self.problem, parent.actions, self.rng, cfg["swap_probability"], cfg["shift_radius"],
                            is_new=lambda b: b.canonical_key() not in self.evaluator.cache)
             if state is not None:
                 out.append(state)
