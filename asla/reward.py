@@ -73,8 +73,9 @@ class KeepInRegion:
                 "kwargs": {"indices": self.index.tolist(), "zmin": self.zmin, "zmax": self.zmax}}
 
 
-class _Timeout(Exception):
-    pass
+class EvaluationTimeout(Exception):
+    """An energy evaluation ran past `faults.timeout` (raised by its SIGALRM limit). An interruption, not a verdict
+    on the structure: code that caches results (the judge's RelaxationStore) must not keep it as one."""
 
 
 class EnergyEvaluator:
@@ -228,7 +229,7 @@ def collapsed_pair(atoms: Atoms, fraction: float) -> str | None:
 
 
 def _describe(exc: BaseException, spec: dict) -> str:
-    if isinstance(exc, _Timeout):
+    if isinstance(exc, EvaluationTimeout):
         return f"calculator {spec['name']} exceeded the time limit (faults.timeout)"
     if isinstance(exc, CollapsedStructure):
         return str(exc)[:300]
@@ -255,7 +256,7 @@ class _time_limit:
 
     @staticmethod
     def _raise(signum, frame):
-        raise _Timeout()
+        raise EvaluationTimeout()
 
 
 def _with_energy(atoms: Atoms, energy: float, forces: np.ndarray | None = None) -> Atoms:

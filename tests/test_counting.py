@@ -144,3 +144,32 @@ def test_stop_when_ends_the_search_after_the_improvement_it_accepts_and_keeps_it
     with pytest.raises(EvaluationBudgetExhausted):
         atoms.get_potential_energy()
     assert ledger.count == 3
+
+
+def test_a_slow_stop_rule_is_not_cut_by_the_evaluations_time_limit_which_still_holds_around_it():
+    # A stop rule runs inside the evaluation that made the improvement; on a DFT problem it is an hour of GPAW
+    # relaxation, which the evaluation's faults.timeout used to kill (and the judge then cached as a failure).
+    import time
+
+    from asla.reward import EvaluationTimeout, _time_limit
+    asked = []
+
+    def slow_rule(atoms, energy):
+        time.sleep(0.6)
+        asked.append(energy)
+        return False
+
+    ledger = open_ledger("test-slow-stop-rule")
+    ledger.stop_when = slow_rule
+    base = load_problem("pd100-oxide-2x2")
+    problem = load_problem("pd100-oxide-2x2", **{"faults.timeout": 0.3, "faults.retries": 0,
+                                                 "calculator": counting_spec(base.calculator, "test-slow-stop-rule")})
+    ev = EnergyEvaluator(problem, use_cache=False).evaluate(read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz"))
+    assert ev.ok, ev.error
+    assert len(asked) == 1 and ledger.paused_seconds >= 0.6
+    # the limit is suspended, not dropped: the time it had left still runs out after the rule
+    with pytest.raises(EvaluationTimeout), _time_limit(0.3):
+        ledger.best_energy = float("inf")
+        ledger.observe(read(ROOT / "docs/reference/pd100-oxide-2x2.extxyz"), -1.0)
+        assert len(asked) == 2
+        time.sleep(1.0)

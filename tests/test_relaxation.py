@@ -87,3 +87,14 @@ def test_first_in_basin_judges_through_the_store(problem, build, tmp_path):
 def test_only_dft_problems_keep_their_judge_relaxations(problem, tmp_path):
     assert store_for(problem, tmp_path) is None  # EMT: milliseconds, nothing kept
     assert store_for(load_problem("pd100-oxide-2x2-dft"), tmp_path) == tmp_path
+
+
+def test_an_interrupted_relaxation_is_not_kept_as_a_failure(problem, build, tmp_path, monkeypatch):
+    from asla.reward import EvaluationTimeout
+
+    def interrupted(*args, **kwargs):
+        raise EvaluationTimeout()
+    monkeypatch.setattr("asla.relaxation.relax_resumable", interrupted)
+    with resumable_relaxations(tmp_path), pytest.raises(EvaluationTimeout):
+        judge.relax(problem, build)
+    assert not list(tmp_path.glob("r-*.json"))  # asked again, it relaxes (resuming its checkpoint)

@@ -29,6 +29,7 @@ from ase.io import read
 from asla import basin
 from asla.basin import in_basin
 from asla.problem import Problem
+from asla.reward import EvaluationTimeout
 from asla.storage import write_json, write_structures
 
 TOL = 0.05  # eV, the basin criterion's tolerance
@@ -82,6 +83,8 @@ class RelaxationStore:
             energy = math.nan if result.error else float(result.atoms.get_potential_energy())
             record.update(converged=result.converged, error=result.error, **result.progress)
             done = result.atoms.copy()
+        except EvaluationTimeout:
+            raise  # interrupted, not failed: no record, the checkpoint stays for the next attempt
         except Exception as exc:  # noqa: BLE001 - a failed relaxation just does not count as found
             energy, done = math.nan, atoms.copy()
             record.update(converged=False, error=f"{type(exc).__name__}: {exc}")
