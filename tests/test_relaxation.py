@@ -98,3 +98,18 @@ def test_an_interrupted_relaxation_is_not_kept_as_a_failure(problem, build, tmp_
     with resumable_relaxations(tmp_path), pytest.raises(EvaluationTimeout):
         judge.relax(problem, build)
     assert not list(tmp_path.glob("r-*.json"))  # asked again, it relaxes (resuming its checkpoint)
+
+
+def test_a_structure_read_back_from_a_trace_file_finds_the_relaxation_kept_during_the_run(problem, build, tmp_path,
+                                                                                          monkeypatch):
+    from asla.storage import write_structures
+    store = tmp_path / "judge"
+    with resumable_relaxations(store):
+        kept = judge.relax(problem, build)  # during the run: the structure in memory, full precision
+    write_structures(tmp_path / "trace.extxyz", [build], n_template=12)
+    read_back = read(tmp_path / "trace.extxyz")
+    assert not np.array_equal(read_back.positions, build.positions)  # the file keeps 8 decimals
+    assert RelaxationStore.name(read_back) == RelaxationStore.name(build)
+    monkeypatch.setattr("asla.relaxation.relax_resumable", lambda *a, **k: pytest.fail("relaxed again"))
+    with resumable_relaxations(store):  # a rejudge from the trace: no DFT relaxation started again
+        assert judge.relax(problem, read_back).info["relaxed_energy"] == kept.info["relaxed_energy"]

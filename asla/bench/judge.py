@@ -56,8 +56,8 @@ class RelaxationStore:
     """Judge relaxations kept in a folder, by structure: `<key>.json` (relaxed energy, converged, counts) and
     `<key>.extxyz` (the relaxed structure) once finished; `progress/` the per-step checkpoints of one under way
     (commit both to continue on another machine); `work/` what only this machine needs. The key is a hash of
-    `structure_key` (species, positions and cell exactly). A relaxation that raises is kept as failed (nan), as
-    `asla.basin.relax` judges it."""
+    `structure_key` (species, positions and cell to 1e-8 A, what a trace file keeps). A relaxation that raises is
+    kept as failed (nan), as `asla.basin.relax` judges it."""
 
     def __init__(self, directory: Path, fmax: float = 0.05, steps: int = 1000) -> None:
         self.directory, self.fmax, self.steps = Path(directory), fmax, steps
@@ -115,9 +115,17 @@ def store_for(problem: Problem, directory: Path) -> Path | None:
     return directory if problem.calculator.get("name") in RESUMABLE_CALCULATORS else None
 
 
+KEY_DECIMALS = 8  # ASE's extxyz writes positions as %16.8f: the precision a trace file keeps
+
+
 def structure_key(atoms: Atoms) -> bytes:
-    """Identity of a structure for reusing its relaxation: species, positions and cell, exactly."""
-    return b"".join(np.ascontiguousarray(a).tobytes() for a in (atoms.numbers, atoms.positions, atoms.cell[:]))
+    """Identity of a structure for reusing its relaxation: species, positions and cell to 1e-8 A, as a trace file
+    (extxyz) keeps them, so a structure read back from a trace is the one relaxed during the run. Exact bytes were
+    the key until a DFT rejudge from the trace missed every relaxation the run had kept and started them again
+    (20-50 GPAW steps each). Formatting, not rounding: %.8f of a value read back from %.8f is the same text."""
+    values = np.concatenate([np.asarray(atoms.positions, float).ravel(), np.asarray(atoms.cell[:], float).ravel()])
+    numbers = ",".join(str(int(z)) for z in atoms.numbers)
+    return (numbers + "|" + " ".join(f"{v:.{KEY_DECIMALS}f}" for v in values)).encode()
 
 
 def small_move(a: Atoms, b: Atoms, max_move: float = MAX_MOVE) -> bool:
