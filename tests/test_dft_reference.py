@@ -74,7 +74,8 @@ def test_distinct_lowest_merges_copies_of_one_arrangement_and_keeps_another():
 def test_relax_resumes_from_the_last_trajectory_frame_and_writes_a_record_and_report(tmp_path):
     """The relax phase with EMT in place of GPAW: a relaxation stopped after 3 steps goes on from its last frame."""
     problem_yaml = tmp_path / "p.yaml"
-    problem_yaml.write_text((ROOT / "configs" / "problems" / "pd100-oxide-2x2.yaml").read_text())
+    emt = (ROOT / "configs" / "problems" / "pd100-oxide-2x2.yaml").read_text()
+    problem_yaml.write_text(emt[:emt.index("\nreference:")] + "\n")  # no reference yet: the search sets it
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     work.mkdir()
@@ -165,6 +166,29 @@ def test_a_relaxation_whose_work_directory_is_lost_resumes_from_its_checkpoint_o
     mod.relax_one(problem, cand, start, tmp_path / "again", 0.05, 3, out / "progress")
     mod.write_report(problem, out, tmp_path / "no-such-work")
     assert f"relaxing: {cut['energy']:.4f} at frame 4" in (out / "report.md").read_text()
+
+
+def test_an_independent_search_never_replaces_a_lower_reference_found_since(tmp_path):
+    """On the DFT 2x2 an ASLA run found a minimum below the independent search's: rerunning that search (a new
+    candidate) must not write its higher minimum over it."""
+    emt = (ROOT / "configs" / "problems" / "pd100-oxide-2x2.yaml").read_text()
+    problem_yaml = tmp_path / "p.yaml"
+    problem_yaml.write_text(emt.replace("  energy: 2.437400", "  energy: 2.000000"))
+    before = problem_yaml.read_text()
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "candidates.extxyz", [read(ROOT / "docs" / "reference" / "pd100-oxide-2x2.extxyz")])
+    (out / "candidates.json").write_text(json.dumps({
+        "candidates": [{"name": "c01", "sources": ["x"], "emt_energies": [2.44], "chgnet_energy": -101.0}],
+        "command": "by hand", "emt_relaxations": 0, "chgnet_relaxations": 0, "chgnet_calls": 0, "seconds": 0.0,
+        "motif": "none"}))
+    run = subprocess.run([sys.executable, str(SCRIPT), "relax", "--problem", str(problem_yaml), "--out", str(out),
+                          "--work", str(tmp_path / "work"), "--update-yaml"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert abs(json.loads((out / "c01.json").read_text())["energy"] - 2.4374) < 0.01  # relaxed and recorded
+    assert "kept the problem's reference, 2.0000 eV" in run.stdout
+    assert problem_yaml.read_text() == before and not (out / "p.extxyz").exists()
 
 
 FLAKY = '''
