@@ -75,7 +75,8 @@ class KeepInRegion:
 
 class EvaluationTimeout(Exception):
     """An energy evaluation ran past `faults.timeout` (raised by its SIGALRM limit). An interruption, not a verdict
-    on the structure: code that caches results (the judge's RelaxationStore) must not keep it as one."""
+    on the structure: code that caches results (the judge's RelaxationStore) must not keep it as one. Not a
+    TimeoutError: that is an OSError, which file and calculator code inside the limit may catch and swallow."""
 
 
 class EnergyEvaluator:
