@@ -168,6 +168,17 @@ def test_a_relaxation_whose_work_directory_is_lost_resumes_from_its_checkpoint_o
     assert f"relaxing: {cut['energy']:.4f} at frame 4" in (out / "report.md").read_text()
 
 
+def one_candidate_plan(out: Path) -> Path:
+    """OUT with a candidates phase's files for one candidate, c01: the EMT 2x2 reference structure."""
+    out.mkdir()
+    write(out / "candidates.extxyz", [read(ROOT / "docs" / "reference" / "pd100-oxide-2x2.extxyz")])
+    (out / "candidates.json").write_text(json.dumps({
+        "candidates": [{"name": "c01", "sources": ["x"], "emt_energies": [2.44], "chgnet_energy": -101.0}],
+        "command": "by hand", "emt_relaxations": 0, "chgnet_relaxations": 0, "chgnet_calls": 0, "seconds": 0.0,
+        "motif": "none"}))
+    return out
+
+
 def test_an_independent_search_never_replaces_a_lower_reference_found_since(tmp_path):
     """On the DFT 2x2 an ASLA run found a minimum below the independent search's: rerunning that search (a new
     candidate) must not write its higher minimum over it."""
@@ -175,13 +186,7 @@ def test_an_independent_search_never_replaces_a_lower_reference_found_since(tmp_
     problem_yaml = tmp_path / "p.yaml"
     problem_yaml.write_text(emt.replace("  energy: 2.437400", "  energy: 2.000000"))
     before = problem_yaml.read_text()
-    out = tmp_path / "out"
-    out.mkdir()
-    write(out / "candidates.extxyz", [read(ROOT / "docs" / "reference" / "pd100-oxide-2x2.extxyz")])
-    (out / "candidates.json").write_text(json.dumps({
-        "candidates": [{"name": "c01", "sources": ["x"], "emt_energies": [2.44], "chgnet_energy": -101.0}],
-        "command": "by hand", "emt_relaxations": 0, "chgnet_relaxations": 0, "chgnet_calls": 0, "seconds": 0.0,
-        "motif": "none"}))
+    out = one_candidate_plan(tmp_path / "out")
     run = subprocess.run([sys.executable, str(SCRIPT), "relax", "--problem", str(problem_yaml), "--out", str(out),
                           "--work", str(tmp_path / "work"), "--update-yaml"], capture_output=True, text=True,
                          timeout=120)
@@ -217,13 +222,7 @@ def test_an_scf_that_does_not_converge_is_retried_with_the_problems_retry_settin
         "calculator: {name: emt}", "calculator: {name: 'flaky:Flaky'}\n"
         "faults: {retries: 1, retry_settings: {robust: true}}")
     (tmp_path / "p.yaml").write_text(problem)
-    out = tmp_path / "out"
-    out.mkdir()
-    write(out / "candidates.extxyz", [read(ROOT / "docs" / "reference" / "pd100-oxide-2x2.extxyz")])
-    (out / "candidates.json").write_text(json.dumps({
-        "candidates": [{"name": "c01", "sources": ["x"], "emt_energies": [2.44], "chgnet_energy": -101.0}],
-        "command": "by hand", "emt_relaxations": 0, "chgnet_relaxations": 0, "chgnet_calls": 0, "seconds": 0.0,
-        "motif": "none"}))
+    out = one_candidate_plan(tmp_path / "out")
     run = subprocess.run([sys.executable, str(SCRIPT), "relax", "--problem", str(tmp_path / "p.yaml"), "--out",
                           str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
