@@ -14,6 +14,7 @@ from asla.bench import judge
 from asla.bench.judge import RelaxationStore, first_in_basin, resumable_relaxations, store_for
 from asla.builder import random_build
 from asla.relaxation import Checkpoint, relax_resumable
+from asla.storage import write_structures
 
 PROBLEM = "pd100-oxide-2x2"
 
@@ -102,7 +103,6 @@ def test_an_interrupted_relaxation_is_not_kept_as_a_failure(problem, build, tmp_
 
 def test_a_structure_read_back_from_a_trace_file_finds_the_relaxation_kept_during_the_run(problem, build, tmp_path,
                                                                                           monkeypatch):
-    from asla.storage import write_structures
     store = tmp_path / "judge"
     with resumable_relaxations(store):
         kept = judge.relax(problem, build)  # during the run: the structure in memory, full precision
