@@ -432,6 +432,34 @@ def test_parallel_jobs_report_a_failed_run_and_still_finish_the_others(tmp_path)
     assert 0 < rec["evaluations_spent"] <= 20 and rec["trace"]
 
 
+def test_a_run_another_command_finished_or_holds_meanwhile_is_left_to_it(tmp_path, capsys):
+    """Two benchmark commands on one results folder (one from seed 0, one --from-seed 5) each list their runs at
+    start: a run the other finished since is not redone (its record kept as it is), one it holds is not failed."""
+    import argparse
+
+    from asla.bench import command as benchmark
+    from asla.lock import RunLock
+    args = argparse.Namespace(results=str(tmp_path), quick=True, budget=20, gofee_budget=None, surrogate_budget=None,
+                              window=None, checkpoint_every=10, stop_when_found=False, command="test", jobs=1)
+    job = (1, bench_problem("pd100-oxide-2x2"), "random", 0)
+    [(_, rec, error)] = list(benchmark.run_jobs(args, [job], {}))  # the other command's run, finished
+    assert error is None and rec["status"] == "done"
+    path = tmp_path / "pd100-oxide-2x2" / "random-s0.json"
+    benchmark.write_json(path, rec)
+    before = path.read_text()
+    assert list(benchmark.run_jobs(args, [job], {})) == [(job, None, None)]  # this command's stale list
+    assert path.read_text() == before
+    assert "finished meanwhile by another benchmark command" in capsys.readouterr().out
+
+    held = (2, bench_problem("pd100-oxide-2x2"), "asla", 0)  # a training run: its work dir is locked while it runs
+    work = tmp_path / "pd100-oxide-2x2" / "asla-s0.work" / "asla"
+    work.mkdir(parents=True)
+    with RunLock(work):
+        outcome = list(benchmark.run_jobs(args, [held], {}))
+    assert outcome == [(held, None, None)] and not (tmp_path / "pd100-oxide-2x2" / "asla-s0.json").exists()
+    assert "held by another benchmark command" in capsys.readouterr().out
+
+
 def _problem_outside(tmp_path: Path) -> tuple[Path, Path]:
     """The 2x2 oxide as a user's own problem: its YAML, reference structure and recipe in a folder of their own."""
     folder = tmp_path / "my chemistry"

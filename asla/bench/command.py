@@ -63,6 +63,7 @@ from asla.bench.records import (
 )
 from asla.bench.report import machine, make_report
 from asla.errors import AslaError
+from asla.lock import RunLockedError
 from asla.problem import Problem
 from asla.storage import write_json
 
@@ -160,9 +161,20 @@ def _hit(evaluations: int | None) -> str:
 
 
 def attempt(args: argparse.Namespace, p: BenchProblem, m: str, s: int) -> tuple[dict | None, str | None]:
-    """run_one, with a failure returned as its traceback text: a worker process's exception may not pickle."""
+    """run_one, with a failure returned as its traceback text: a worker process's exception may not pickle.
+
+    (None, None): not run here, as another benchmark command on the same results folder finished it since this one
+    listed its runs, or holds it now (its run directory locked). Two commands may share a folder (one from seed 0,
+    one --from-seed 5): each goes on to the next seed instead of redoing a finished one or failing on a held one."""
+    label = f"{p.slug} {m} seed {s}"
     try:
+        if record_stands(args, p, m, s, label):
+            print(f"{label}: finished meanwhile by another benchmark command; its record is kept", flush=True)
+            return None, None
         return run_one(args, p, m, s, budget_for(args, p, m)), None
+    except RunLockedError as err:
+        print(f"{label}: held by another benchmark command, left to it ({err})", flush=True)
+        return None, None
     except Exception:  # noqa: BLE001 - the caller counts it and goes on with the other runs
         return None, traceback.format_exc()
 
@@ -309,6 +321,8 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             continue
         todo.append((n, p, m, s))
     for (n, p, m, s), rec, error in run_jobs(args, todo, skips):
+        if rec is None and error is None:  # another command's run (attempt): nothing to write here
+            continue
         if error is not None:  # one failed run must not lose the others; reported, exit status 1
             failures += 1
             print(f"[{n}/{len(jobs)}] {p.slug} {m} seed {s}: FAILED\n{error}", file=sys.stderr, flush=True)

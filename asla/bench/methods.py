@@ -30,6 +30,7 @@ import numpy as np
 from asla.bench.agox import prepare_agox, run_agox
 from asla.bench.problems import SURROGATE_METHODS, TRANSFER_SOURCE, ZERO_SHOT_AGENT, BenchProblem
 from asla.counting import EvaluationBudgetExhausted, Ledger, close_ledger, counting_spec, open_ledger
+from asla.lock import RunLock
 from asla.problem import Problem
 from asla.storage import write_json
 
@@ -196,6 +197,8 @@ def _train(ctx: RunContext, cfg: dict, init_from: str | None = None) -> None:
         train(None, run_dir=run_dir, resume=True, progress=False, on_checkpoint=save_ledger)
         return
     if run_dir.exists():  # a start without a usable checkpoint (or for another budget): start afresh
+        with RunLock(run_dir):  # unless another benchmark command trains there (not yet checkpointed): refused
+            pass
         shutil.rmtree(run_dir)
     train(cfg, run_dir=run_dir, init_from=init_from, progress=False, on_checkpoint=save_ledger)
 
