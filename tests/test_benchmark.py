@@ -153,9 +153,9 @@ def test_a_killed_gofee_benchmark_run_resumes_from_its_database_counting_each_ev
 
     monkeypatch.setattr(agox, "SAVE_EVERY_S", 0.0)  # the state after every iteration (EMT iterations take a second)
 
-    results = tmp_path / "runs"
-    argv = ["--quick", "--methods", "gofee", "--gofee-budget", "12", "--out", str(tmp_path / "out"),
-            "--results", str(results)]
+    monkeypatch.chdir(tmp_path)  # paths relative to where the command runs, as the docs' commands give them
+    results = Path("runs")
+    argv = ["--quick", "--methods", "gofee", "--gofee-budget", "12", "--out", "out", "--results", str(results)]
     work, record = results / "pd100-oxide-2x2" / "gofee-s0.work", results / "pd100-oxide-2x2" / "gofee-s0.json"
     charge, session = Ledger.charge, {"resumed": False, "charged": 0}
 

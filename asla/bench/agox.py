@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -224,6 +225,9 @@ def run_agox(ctx: RunContext) -> None:
     """`_run_agox` holding the work dir's lock (asla.lock, as a training run holds its run dir's): two processes
     resuming one saved state would both spend the rest of its budget and write one database."""
     from asla.lock import RunLock
+    # Absolute: AGOX runs inside its own directory (run_directory), so a work dir given relative to the caller's
+    # (`--results docs/...`, as the docs' commands do) would put the saved state below itself, where no resume looks.
+    ctx = dataclasses.replace(ctx, work_dir=ctx.work_dir.resolve())
     with RunLock(ctx.work_dir):
         _run_agox(ctx)
 
