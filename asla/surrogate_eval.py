@@ -19,6 +19,7 @@ the same model, so that a parallel executor evaluates them together). Its data, 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ import numpy as np
 from ase import Atoms
 
 from .problem import Problem
-from .reward import EnergyEvaluator, Evaluation
+from .reward import EnergyEvaluator, Evaluation, _with_energy
 from .surrogate import Prediction, SurrogateConfig, make_surrogate, rank_by_acquisition, surrogate_relax
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,22 @@ class SurrogateEvaluation:
         t0 = time.perf_counter()
         ready = self.ready
         targets, target_keys, records = [], [], []
-        for a, key in zip(atoms, keys, strict=True):
+        # A build made twice in one batch (a settled policy repeats itself) is relaxed and evaluated once; its twin
+        # gets a copy, as a cache hit. Evaluated twice, the model-relaxed copies are one structure, which the real
+        # calculator does not compute again (ASE keeps its last result): a slot of the batch, and with screening
+        # one of its k real evaluations, would go to nothing, and the run's count of evaluations would include it.
+        first_of: dict[tuple[int, ...], int] = {}
+        twin_of: dict[int, int] = {}
+        for i, (a, key) in enumerate(zip(atoms, keys, strict=True)):
+            if key is not None and key in first_of:
+                twin_of[i] = first_of[key]
+                record = dataclasses.replace(records[first_of[key]])
+                records.append(record)
+                targets.append(record.atoms)
+                target_keys.append(target_keys[first_of[key]])
+                continue
+            if key is not None:
+                first_of[key] = i
             if ready:
                 record, structure = self._relax(a)
             else:
@@ -89,19 +105,27 @@ class SurrogateEvaluation:
             records.append(record)
             targets.append(structure)
             target_keys.append(None if record.relaxed else key)  # a relaxed structure is not the grid build
-        chosen = list(range(len(atoms)))
+        chosen = [i for i in range(len(atoms)) if i not in twin_of]
         k = self.config.screen_k
-        if ready and self.config.screen_candidates > 1 and len(atoms) > k:
-            preds = [Prediction(r.predicted, r.sigma) for r in records]
-            chosen = sorted(rank_by_acquisition(preds, self.config.kappa, k))
-            for i in set(range(len(atoms))) - set(chosen):
-                records[i].screened_out = True
-                self.stats["screened_out"] += 1
+        if ready and self.config.screen_candidates > 1 and len(chosen) > k:
+            preds = [Prediction(records[i].predicted, records[i].sigma) for i in chosen]
+            chosen = sorted(chosen[j] for j in rank_by_acquisition(preds, self.config.kappa, k))
         relax_seconds = time.perf_counter() - t0
         real = executor.evaluate_many(evaluator, [targets[i] for i in chosen], [target_keys[i] for i in chosen])
         evaluations: list[Evaluation | None] = [None] * len(atoms)
         for i, ev in zip(chosen, real, strict=True):
             evaluations[i] = ev
+        for i, j in twin_of.items():
+            ev = evaluations[j]
+            if ev is not None:
+                copy = None if ev.atoms is None else _with_energy(
+                    ev.atoms, ev.energy, ev.atoms.calc.results.get("forces") if ev.atoms.calc is not None else None)
+                evaluations[i] = dataclasses.replace(ev, n_calls=0, seconds=0.0, cached=True, atoms=copy)
+                evaluator.n_cache_hits += 1
+        for i, ev in enumerate(evaluations):
+            if ev is None:  # screened out, or the twin of a build that was
+                records[i].screened_out = True
+                self.stats["screened_out"] += 1
         errors = self._record_errors(real, [records[i] for i in chosen], evaluator.n_calls)
         t1 = time.perf_counter()
         fresh = [ev.atoms for ev in real if ev.ok and not ev.cached and ev.atoms is not None]
