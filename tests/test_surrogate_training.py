@@ -134,15 +134,21 @@ def test_enabled_run_relaxes_in_the_model_and_spends_one_real_point_per_build(tm
             "surrogate/points"} <= set(tags)
 
 
-def test_relaxed_structures_are_not_served_from_the_grid_cache():
+def _ready_step(config: SurrogateConfig):
+    """tiny-pd2o's evaluate step with its model trained on six random builds (seed 0): ready to relax."""
     problem = load_problem("tiny-pd2o")
-    step = SurrogateEvaluation(SurrogateConfig(enabled=True, min_points=4, steps=20), problem)
+    step = SurrogateEvaluation(config, problem)
     evaluator = EnergyEvaluator(problem)
     executor = make_executor(problem, "serial", 1, None)
     rng = np.random.default_rng(0)
     builds = [random_build(problem, rng) for _ in range(6)]
     step.evaluate(executor, evaluator, [b.atoms() for b in builds], [b.canonical_key() for b in builds])
     assert step.ready
+    return problem, step, evaluator, executor, rng, builds
+
+
+def test_relaxed_structures_are_not_served_from_the_grid_cache():
+    _, step, evaluator, executor, _, builds = _ready_step(SurrogateConfig(enabled=True, min_points=4, steps=20))
     calls = evaluator.n_calls
     again = builds[0]
     evaluations, records = step.evaluate(executor, evaluator, [again.atoms()], [again.canonical_key()])
@@ -207,16 +213,9 @@ def test_a_build_made_twice_in_one_batch_is_relaxed_and_evaluated_once(screen):
     """A settled policy repeats builds. Evaluated twice, the two model-relaxed copies are one structure that the real
     calculator does not compute again: a slot (with screening, one of the k real evaluations) spent on nothing, and
     counted. The twin gets its build's result as a cache hit; screening picks its k among distinct builds."""
-    problem = load_problem("tiny-pd2o")
     cfg = SurrogateConfig(enabled=True, min_points=4, steps=20, **(
         {"screen_candidates": 4, "screen_k": 2} if screen else {}))
-    step = SurrogateEvaluation(cfg, problem)
-    evaluator = EnergyEvaluator(problem)
-    executor = make_executor(problem, "serial", 1, None)
-    rng = np.random.default_rng(0)
-    builds = [random_build(problem, rng) for _ in range(6)]
-    step.evaluate(executor, evaluator, [b.atoms() for b in builds], [b.canonical_key() for b in builds])
-    assert step.ready
+    problem, step, evaluator, executor, rng, _ = _ready_step(cfg)
     a, b = (random_build(problem, rng) for _ in range(2))
     assert a.canonical_key() != b.canonical_key()
     batch = [a, a, b, b]  # with screening: the two real evaluations go to a and b, whichever the model prefers
