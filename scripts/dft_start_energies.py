@@ -70,8 +70,7 @@ def minima_reward(problem: Problem, first: int) -> int:
     rows = {}
     for name, atoms, relaxed_dft in minima:
         t0 = time.time()
-        relaxation = surrogate_relax(problem, atoms, surrogate, steps=block.steps, fmax=block.fmax,
-                                     min_points=block.min_points, optimizer=block.optimizer, fallback=block.fallback)
+        relaxation = surrogate_relax(problem, atoms, surrogate, **block.relax_kwargs())  # as the training loop does
         start = relaxation.atoms
         start.calc = make_calculator(problem.calculator)
         reward = float(start.get_potential_energy())
